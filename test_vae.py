@@ -1,0 +1,308 @@
+"""Tests: normalised likelihoods, closed-form KL, shapes, gradients, the MSE form, and an
+end-to-end run on real MNIST (data dir from $MNIST_DATA; `make test DATA=...` sets it)."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import (Bernoulli, Beta, Categorical, ContinuousBernoulli, Independent,
+                                 Normal, kl_divergence)
+
+import train
+import vae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ALL = list(vae.LIKELIHOODS)
+CHANNELS = {'bernoulli': 1, 'cbernoulli': 1, 'gaussian': 2, 'gaussian-fixed': 1, 'beta': 2,
+            'categorical': 256, 'logistic': 2}
+
+
+def lik_of(dist, **opts):
+    torch.manual_seed(0)
+    return vae.make_likelihood(dist, **opts)
+
+
+def random_x8(*shape, seed=0):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+@pytest.fixture(scope='session')
+def mnist_dir():
+    root = os.environ.get('MNIST_DATA', 'data')
+    if not all(os.path.exists(os.path.join(root, 'MNIST', 'raw', f)) for f in vae.MNIST_FILES):
+        msg = f'MNIST not found in {root}/MNIST/raw (run `make test DATA=<dir holding MNIST/raw>`)'
+        if os.environ.get('CI') == 'true':
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# log-probabilities: against torch.distributions, and normalised
+
+
+def reference(dist, params, x, lik):
+    """Per-image log p(x) built directly from torch.distributions (params (..., H, W, C))."""
+    p = [params[..., i].unsqueeze(-3) for i in range(params.shape[-1])]
+    sp = lambda t, floor: F.softplus(t) + floor
+    if dist == 'bernoulli':
+        lp = Bernoulli(logits=p[0]).log_prob(x)
+    elif dist == 'cbernoulli':
+        lp = ContinuousBernoulli(logits=p[0]).log_prob(x)
+    elif dist == 'gaussian':
+        lp = Normal(p[0], sp(p[1], 1e-3)).log_prob(x)
+    elif dist == 'gaussian-fixed':
+        lp = Normal(p[0], lik.sigma).log_prob(x)
+    elif dist == 'beta':
+        lp = Beta(sp(p[0], 1e-3), sp(p[1], 1e-3)).log_prob(x)
+    elif dist == 'categorical':
+        lp = Categorical(logits=params.unsqueeze(-4)).log_prob(torch.round(x * (lik.bins - 1)).long())
+    return lp.flatten(-3).sum(-1)
+
+
+@pytest.mark.parametrize('dist', [d for d in ALL if d != 'logistic'])
+def test_log_prob_matches_torch_distributions(dist):
+    lik = lik_of(dist)
+    x = lik.data(random_x8(5, 1, 6, 6))                    # (B, 1, H, W)
+    h = torch.randn(3, 5, 6, 6, vae.VAE.features)          # (L, B, H, W, F)
+    got = lik.log_prob(h, x)                               # categorical: the fused path
+    want = reference(dist, lik.head(h), x, lik)
+    assert got.shape == (3, 5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_discretized_logistic_matches_cdf_differences():
+    """Against the textbook form F(x + 1/510) - F(x - 1/510), the end levels taking the
+    tails, in float64; where F is near 1 that difference cancels, so there the reference
+    is the same mass from the survival function, S(x - 1/510) - S(x + 1/510)."""
+    loc = torch.linspace(-0.5, 1.5, 41, dtype=torch.float64).view(-1, 1)
+    scale = torch.tensor([0.003, 0.03, 0.3, 3.0], dtype=torch.float64).view(1, -1, 1)
+    levels = torch.arange(256, dtype=torch.float64)
+    got = vae.DiscretizedLogistic(loc.unsqueeze(-1), scale).log_prob(levels / 255)  # (41, 4, 256)
+    upper = torch.where(levels == 255, math.inf, (levels + 0.5) / 255)
+    lower = torch.where(levels == 0, -math.inf, (levels - 0.5) / 255)
+    cdf = lambda t: torch.sigmoid((t - loc.unsqueeze(-1)) / scale)
+    sf = lambda t: torch.sigmoid(-(t - loc.unsqueeze(-1)) / scale)
+    want = torch.where(cdf(upper) <= 0.5, torch.log(cdf(upper) - cdf(lower)), torch.log(sf(lower) - sf(upper)))
+    ok = want > -30  # where float64 differences still hold digits
+    assert ok.float().mean() > 0.5
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize('dist,bins', [('categorical', 256), ('categorical', 7), ('categorical', 2),
+                                       ('logistic', 256)])
+def test_discrete_likelihoods_sum_to_one(dist, bins):
+    """Sum of p over every level of a single pixel is 1, through lik.log_prob (the path
+    training uses), for many random heads including extreme parameters."""
+    lik = lik_of(dist, bins=bins)
+    levels = bins if dist == 'categorical' else 256
+    h = torch.randn(1, 50, 1, 1, vae.VAE.features) * torch.logspace(-2, 2, 50).view(1, 50, 1, 1, 1)
+    x = (torch.arange(levels, dtype=torch.float32) / (levels - 1)).view(levels, 1, 1, 1, 1)
+    logp = lik.log_prob(h.expand(levels, -1, -1, -1, -1), x)   # (levels, 50)
+    total = torch.logsumexp(logp.double(), 0).exp()
+    torch.testing.assert_close(total, torch.ones(50, dtype=torch.float64), rtol=0, atol=2e-5)
+
+
+def integrate(logpdf, lo, hi, n=400_001):
+    t = torch.linspace(lo, hi, n, dtype=torch.float64)
+    return torch.trapezoid(logpdf(t).exp(), t, dim=0)
+
+
+@pytest.mark.parametrize('dist', ['cbernoulli', 'beta'])
+def test_unit_interval_densities_integrate_to_one(dist):
+    """Integral over [0, 1] of each pixel's density = 1, for 64 random parameter settings.
+    Substituting x = sigmoid(y), dx = x (1 - x) dy, removes the Beta's end singularities.
+    Beta concentrations stay >= 0.31 here: below that much of the mass lies within 1e-16
+    of an end, closer than float64 can place x next to 1 (sigmoid(y) = 1 beyond y = 36.7)."""
+    lik = lik_of(dist)
+    gen = torch.Generator().manual_seed(0)
+    if dist == 'beta':   # raw in [-1, 4]: concentrations in [0.31, 4.0]
+        params = torch.rand(64, 1, 1, 2, generator=gen, dtype=torch.float64) * 5 - 1
+    else:                # logits of all sizes; the density is bounded
+        params = torch.randn(64, 1, 1, 1, generator=gen, dtype=torch.float64) * 4
+    d = lik.dist(params)  # 64 one-pixel images
+
+    def logpdf_y(y):
+        x = torch.sigmoid(y).view(-1, 1, 1, 1, 1)
+        return d.log_prob(x) + F.logsigmoid(y).view(-1, 1) + F.logsigmoid(-y).view(-1, 1)
+    total = integrate(logpdf_y, -700.0, 36.7, n=200_001)
+    torch.testing.assert_close(total, torch.ones(64, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('dist', ['gaussian', 'gaussian-fixed'])
+def test_gaussian_densities_integrate_to_one(dist):
+    """A Gaussian's support is the real line (it puts mass outside [0, 1]): integrate there."""
+    lik = lik_of(dist)
+    params = torch.randn(64, 1, 1, lik.channels, dtype=torch.float64)
+    d = lik.dist(params)
+    total = integrate(lambda t: d.log_prob(t.view(-1, 1, 1, 1, 1)), -15.0, 15.0)
+    torch.testing.assert_close(total, torch.ones(64, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_fused_categorical_head_matches_linear_cross_entropy(monkeypatch):
+    monkeypatch.setattr(vae._CategoricalHeadNLL, 'chunk', 7)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    h = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (30,))
+    g = torch.randn(30, dtype=torch.float64)
+    got = vae._CategoricalHeadNLL.apply(h, w, b, t)
+    grads = torch.autograd.grad(got, (h, w, b), g)
+    want = F.cross_entropy(F.linear(h, w, b), t, reduction='none')
+    want_grads = torch.autograd.grad(want, (h, w, b), g)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(grads, want_grads):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(lambda *a: vae._CategoricalHeadNLL.apply(*a, t), (h, w, b))
+
+
+# -----------------------------------------------------------------------------
+# data each likelihood sees
+
+
+def test_data_transforms():
+    x8 = random_x8(64, 1, 28, 28)
+    x8[0, 0, :2, :2] = torch.tensor([[0, 255], [128, 127]], dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    b = lik_of('bernoulli')
+    xb1, xb2 = b.data(x8, gen), b.data(x8, gen)
+    assert set(xb1.unique().tolist()) == {0.0, 1.0} and not torch.equal(xb1, xb2)  # dynamic
+    assert torch.equal(vae.eval_data(b, x8), vae.eval_data(b, x8))                # fixed for eval
+    assert abs(xb1.mean() - x8.float().mean() / 255) < 0.01
+    beta = lik_of('beta').data(x8, gen)
+    assert (beta > 0).all() and (beta < 1).all()
+    # stays in its pixel's bin [v/256, (v+1)/256] (float32 may round u -> 1 onto the upper edge)
+    assert (beta >= x8 / 256).all() and (beta <= (x8.float() + 1) / 256).all()
+    for dist in ['cbernoulli', 'gaussian', 'gaussian-fixed', 'logistic', 'categorical']:
+        assert torch.equal(torch.round(lik_of(dist).data(x8) * 255).to(torch.uint8), x8)
+    two = lik_of('categorical', bins=2).data(x8)
+    assert torch.equal(two, (x8 >= 128).float())
+    four = lik_of('categorical', bins=4).data(x8)
+    assert torch.equal(torch.round(four * 3).long(), x8.long() // 64)
+
+
+# -----------------------------------------------------------------------------
+# KL, shapes, gradients, the MSE form
+
+
+def test_closed_form_kl_matches_torch():
+    mu, logvar = torch.randn(16, 7) * 2, torch.randn(16, 7)
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    p = Independent(Normal(torch.zeros(7), torch.ones(7)), 1)
+    torch.testing.assert_close(vae.kl_normal(mu, logvar), kl_divergence(q, p))
+
+
+@pytest.mark.parametrize('latent_dim', [2, 32])
+@pytest.mark.parametrize('dist', ALL)
+def test_shapes(dist, latent_dim):
+    model = vae.build({'dist': dist, 'latent_dim': latent_dim, 'bins': 256, 'sigma': 0.1})
+    x = model.lik.data(random_x8(5, 1, 28, 28))
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, latent_dim)
+    h, _, _ = model(x, samples=3)
+    assert h.shape == (3, 5, 28, 28, vae.VAE.features)
+    assert model.lik.head(h).shape == (3, 5, 28, 28, CHANNELS[dist])
+    assert model.lik.log_prob(h, x).shape == (3, 5)
+    for img in (model.lik.mean(h[0]), model.lik.sample(h[0])):
+        assert img.shape == (5, 1, 28, 28)
+    if dist != 'gaussian' and dist != 'gaussian-fixed':
+        s = model.lik.sample(h[0])
+        assert s.min() >= 0 and s.max() <= 1
+
+
+def test_categorical_bins_set_the_head():
+    model = vae.build({'dist': 'categorical', 'latent_dim': 2, 'bins': 10, 'sigma': 0.1})
+    assert model.lik.head.out_features == 10
+
+
+@pytest.mark.parametrize('dist', ALL)
+def test_reconstruction_gradient_reaches_encoder_through_z(dist):
+    """Only the reconstruction term (no KL): it reaches the encoder only through
+    z = mu + sigma * eps, so both the mean and the log-variance rows must get gradient."""
+    model = vae.build({'dist': dist, 'latent_dim': 4, 'bins': 256, 'sigma': 0.1})
+    x = model.lik.data(random_x8(8, 1, 28, 28))
+    log_px, _, _ = vae.elbo_terms(model, x)
+    (-log_px.mean()).backward()
+    g = model.encoder[-1].weight.grad                     # (2D, 256): mu rows, then logvar rows
+    assert g[:4].abs().sum() > 0 and g[4:].abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize('sigma', [0.1, 0.5])
+def test_fixed_gaussian_mse_loss_is_affine_in_negative_elbo(sigma):
+    """With lambda = sigma^2 / N: loss = (2 sigma^2 / N) (-ELBO) - sigma^2 log(2 pi sigma^2),
+    per example, for the same draws of z (L = 3)."""
+    torch.manual_seed(0)
+    model = vae.build({'dist': 'gaussian-fixed', 'latent_dim': 8, 'bins': 256, 'sigma': sigma})
+    lik = model.lik
+    x = lik.data(random_x8(16, 1, 28, 28))
+    log_px, kl, h = vae.elbo_terms(model, x, samples=3, generator=torch.Generator().manual_seed(1))
+    loss = lik.loss(h, x, log_px, kl, lik.default_kl_weight)
+    a, b = 2 * sigma ** 2 / 784, -sigma ** 2 * math.log(2 * math.pi * sigma ** 2)
+    torch.testing.assert_close(loss, a * -(log_px - kl) + b, rtol=1e-5, atol=1e-6)
+    # a beta-VAE weight breaks the relation
+    assert not torch.allclose(lik.loss(h, x, log_px, kl, 1.0), a * -(log_px - kl) + b, rtol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# data errors, the non-finite guard, and an end-to-end run
+
+
+def test_missing_data_gives_one_line(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', ['http://127.0.0.1:9/'])  # offline
+    with pytest.raises(SystemExit) as e:
+        train.train(train.parse_args(['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'run')]))
+    msg = str(e.value.code)
+    assert msg.startswith('error: ') and '\n' not in msg
+    assert all(f in msg for f in vae.MNIST_FILES) and str(tmp_path / 'MNIST' / 'raw') in msg
+    assert not (tmp_path / 'run').exists()
+
+
+def test_non_finite_loss_stops_and_keeps_best_checkpoint(tmp_path, monkeypatch, mnist_dir):
+    calls = {'n': 0}
+    real = vae.Likelihood.loss
+
+    def poisoned(self, *a):
+        calls['n'] += 1
+        out = real(self, *a)
+        return out * math.nan if calls['n'] == 3 else out  # 2 batches per epoch: epoch 2, batch 1
+    monkeypatch.setattr(vae.Likelihood, 'loss', poisoned)
+    out = tmp_path / 'run'
+    args = train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(out), '--subset', '256',
+                             '--batch-size', '128', '--epochs', '3', '--latent-dim', '2'])
+    with pytest.raises(SystemExit) as e:
+        train.train(args)
+    assert 'non-finite' in str(e.value.code) and 'epoch 2, batch 1/2' in str(e.value.code)
+    model, ckpt = vae.load_checkpoint(str(out / 'model.pt'))
+    assert ckpt['epoch'] == 1
+
+
+def test_train_end_to_end(tmp_path, mnist_dir):
+    out = tmp_path / 'run'
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), '--dist', 'bernoulli', '--data-dir', mnist_dir,
+           '--out-dir', str(out), '--subset', '512', '--epochs', '1', '--latent-dim', '2']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for f in ['model.pt', 'metrics.csv', 'reconstructions.png', 'samples.png']:
+        assert (out / f).stat().st_size > 0, f
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    assert len(rows) == 1 and list(rows[0]) == train.METRICS
+    assert all(math.isfinite(float(v)) for v in rows[0].values())
+    # the checkpoint is self-describing and is the model that was validated
+    ckpt = torch.load(out / 'model.pt', weights_only=True)
+    assert ckpt['args']['dist'] == 'bernoulli' and ckpt['args']['latent_dim'] == 2
+    model, _ = vae.load_checkpoint(str(out / 'model.pt'))
+    lik = model.lik
+    val = vae.eval_data(lik, vae.load_mnist(mnist_dir)['val'][0])
+    elbo = train.evaluate(model, val)['val_elbo_nats']
+    assert abs(elbo - float(rows[0]['val_elbo_nats'])) < 1e-3
+    import matplotlib.image
+    img = matplotlib.image.imread(out / 'reconstructions.png')
+    assert img.shape[0] > 100 and img.shape[1] > 400 and img.std() > 0.05  # not blank
