@@ -254,6 +254,14 @@ def test_fixed_gaussian_mse_loss_is_affine_in_negative_elbo(sigma):
 # data errors, the non-finite guard, and an end-to-end run
 
 
+def test_unknown_dist_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(['--dist', 'poisson'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'poisson'" in err
+    assert all(name in err for name in ALL)
+
+
 def test_missing_data_gives_one_line(tmp_path, monkeypatch):
     import torchvision
     monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', ['http://127.0.0.1:9/'])  # offline
