@@ -54,7 +54,7 @@ def reference(dist, params, x, lik):
     elif dist == 'cbernoulli':
         lp = ContinuousBernoulli(logits=p[0]).log_prob(x)
     elif dist == 'gaussian':
-        lp = Normal(p[0], sp(p[1], 1e-3)).log_prob(x)
+        lp = Normal(p[0], sp(p[1], 1e-2)).log_prob(x)
     elif dist == 'gaussian-fixed':
         lp = Normal(p[0], lik.sigma).log_prob(x)
     elif dist == 'beta':

@@ -135,7 +135,7 @@ def save_figures(model, test_x, out_dir, title):
     h = model.decode(model.encode(x)[0])
     rows = [('test digits (as the likelihood sees them)', x), ('decoder mean', lik.mean(h)),
             ('sample of p(x|z)', lik.sample(h))]
-    fig, axes = plt.subplots(3, 1, figsize=(10, 2.4 * 3))
+    fig, axes = plt.subplots(3, 1, figsize=(10, 3.6))
     for ax, (name, imgs) in zip(axes, rows):
         ax.imshow(grid(imgs, 16), cmap='gray', vmin=0, vmax=1)
         ax.set_title(name, fontsize=10)
@@ -182,7 +182,7 @@ def train(args):
     n, rows, best, best_epoch, best_state = train_x8.shape[0], [], -math.inf, None, None
     n_batches = math.ceil(n / args.batch_size)
     print(f'training {args.dist} (latent dim {args.latent_dim}) on {n} images, {device}, '
-          f'{sum(p.numel() for p in model.parameters()):,} parameters -> {args.out_dir}')
+          f'{sum(p.numel() for p in model.parameters()):,} parameters -> {args.out_dir}', flush=True)
 
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
@@ -223,8 +223,10 @@ def train(args):
                       os.path.join(args.out_dir, 'metrics.csv'))
         print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
               f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
-              f"KL {row['val_kl_nats']:6.2f})  {row['seconds']:5.1f} s{'  *' if improved else ''}")
+              f"KL {row['val_kl_nats']:6.2f})  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
 
+    if best_state is None:
+        sys.exit('error: the validation ELBO was never finite; no checkpoint was written')
     model.load_state_dict(best_state)
     save_figures(model, test_x, args.out_dir, title)
     print(f'best val ELBO {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
