@@ -90,13 +90,10 @@ class DiscretizedLogistic(Distribution):
         last = F.logsigmoid(-lower)   # level 255: P(X > 1 - 1/510)
         return torch.where(k <= 0, first, torch.where(k >= 255, last, middle))
 
-    def _levels(self):
-        return torch.arange(256, dtype=self.loc.dtype, device=self.loc.device).view(
-            (256,) + (1,) * self.loc.dim()) / 255
-
     @property
     def mean(self):
-        levels = self._levels()  # (256, 1, ...)
+        levels = torch.arange(256, dtype=self.loc.dtype, device=self.loc.device) / 255
+        levels = levels.view((256,) + (1,) * self.loc.dim())  # (256, 1, ...)
         return (self.log_prob(levels).exp() * levels).sum(0)
 
     def sample(self, sample_shape=torch.Size()):
