@@ -174,7 +174,7 @@ def train(args):
         args.kl_weight = lik.default_kl_weight
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x = vae.eval_data(lik, data['val'][0]).to(device)   # fixed binarisation/noise
-    test_x = vae.eval_data(lik, data['test'][0][:16]).to(device)
+    test_x = vae.eval_data(lik, data['test'][0])[:16].to(device)  # as the whole test set is fixed
     gen = torch.Generator(device).manual_seed(args.seed)    # shuffling and data noise
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ckpt_path = os.path.join(args.out_dir, 'model.pt')
