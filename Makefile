@@ -1,6 +1,8 @@
 # Conv VAE on MNIST with a choice of likelihood. On a fresh clone:
 #   make train DATA=path/to/mnist     (trains DIST=bernoulli; make train DIST=beta, ...)
 #   make test DATA=path/to/mnist
+#   make compare DATA=path/to/mnist   (every likelihood, then compare_likelihoods.py;
+#                                      QUICK=1 for a first look, SEEDS="0 1 2" for several)
 # DATA is the directory holding MNIST/raw/ (downloaded there if missing and online).
 # The first target that needs Python creates .venv from requirements.txt.
 
@@ -16,9 +18,40 @@ VENV := .venv
 PY   := $(VENV)/bin/python
 RUN  := runs/$(DIST)-z$(LATENT)-s$(SEED)
 
-.PHONY: train test
+# make compare: every likelihood with the same latent dim, epochs and seeds, in its own
+# directory, then the comparison on the test set.
+DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic
+SEEDS ?= 0
+ifdef QUICK
+COMPARE_DIR    ?= runs/quick
+COMPARE_EPOCHS ?= 2
+K       ?= 10
+N_TEST  ?= 2000
+N_CURVE ?= 100
+RESULTS ?= results/quick
+else
+COMPARE_DIR    ?= runs/compare
+COMPARE_EPOCHS ?= 10
+K       ?= 100
+N_TEST  ?= 10000
+N_CURVE ?= 1000
+RESULTS ?= results
+endif
+COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
+
+.PHONY: train test compare
 
 train: $(RUN)/model.pt
+
+compare: | $(VENV)/.installed
+	@start=$$(date +%s); $(MAKE) --no-print-directory $(RESULTS)/likelihoods.csv && \
+	echo "make compare$(if $(QUICK), QUICK=1,): $(COMPARE_EPOCHS) epochs, seeds $(SEEDS), k = $(K) on $(N_TEST) test images; total wall time $$(( $$(date +%s) - start )) s"
+
+$(addsuffix /model.pt,$(COMPARE_RUNS)): EPOCHS = $(COMPARE_EPOCHS)
+
+$(RESULTS)/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(COMPARE_RUNS)) | $(VENV)/.installed
+	$(PY) compare_likelihoods.py $(COMPARE_RUNS) --data-dir $(DATA) --out $(RESULTS) \
+	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE)
 
 test: | $(VENV)/.installed
 	MNIST_DATA=$(DATA) $(PY) -m pytest -q test_vae.py
@@ -30,13 +63,13 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@
 
-# runs/<dist>-z<latent>-s<seed>/model.pt: the directory name gives the flags. Split from
-# the right, since a dist name may contain '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS
+# runs/[group/]<dist>-z<latent>-s<seed>/model.pt: the directory name gives the flags. Split
+# from the right, since a dist name may contain '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS
 # are not in the name: changing them does not retrain an existing run.
 run_seed   = $(patsubst s%,%,$(lastword $(subst -, ,$1)))
 run_latent = $(patsubst z%,%,$(lastword $(subst -, ,$(patsubst %-s$(call run_seed,$1),%,$1))))
 run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
-	$(PY) train.py --dist $(call run_dist,$*) --latent-dim $(call run_latent,$*) \
-	  --seed $(call run_seed,$*) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS)
+	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
+	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS)

@@ -235,15 +235,20 @@ class FixedGaussianLik(Likelihood):
         return mse + kl_weight * 2 * kl
 
 
+def dequantize(x8, generator=None):
+    """Uniform dequantisation (Theis et al. 2016): 8-bit v -> (v + u)/256, u ~ U[0, 1), which
+    lies in v's bin [v/256, (v+1)/256); kept 1e-6 inside (0, 1), where float32 would round."""
+    u = torch.rand(x8.shape, generator=generator, device=x8.device)
+    return ((x8.float() + u) / 256).clamp(1e-6, 1 - 1e-6)
+
+
 class BetaLik(Likelihood):
     """Beta on uniformly dequantised gray values (255x + u)/256, u ~ U[0, 1)."""
     channels = 2
     floor = 1e-3
-    eps = 1e-6  # keeps float32 values strictly inside (0, 1)
 
     def data(self, x8, generator=None):
-        u = torch.rand(x8.shape, generator=generator, device=x8.device)
-        return ((x8.float() + u) / 256).clamp(self.eps, 1 - self.eps)
+        return dequantize(x8, generator)
 
     def dist(self, params):
         a, b = (positive(pixel(params[..., i]), self.floor) for i in (0, 1))
