@@ -38,7 +38,7 @@ import vae
 LOG256 = math.log(256)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # two-sided 95% Student t quantiles
-COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'train_seconds', 'test_data', 'n_test',
+COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds', 'test_data', 'n_test',
            'test_elbo_nats', 'test_recon_nats', 'test_kl_nats', 'iwae_nats', 'iwae_k', 'iwae_stderr',
            'nll_8bit_nats', 'bits_per_dim', 'bound_or_exact', 'active_units',
            'k_curve_n', 'iwae_k1_nats', 'iwae_k10_nats', 'iwae_k100_nats', 'iwae_k1000_nats',
@@ -142,7 +142,7 @@ def evaluate_run(run_dir, test_x8, args, device):
     shift, kind = to_8bit(lik, x8.cpu())
     row = {'dist': a['dist'] + (f"-K{a['bins']}" if a['dist'] == 'categorical' and a['bins'] != 256 else ''),
            'seed': a['seed'], 'latent_dim': a['latent_dim'],
-           'epochs': ckpt['epoch'], 'train_seconds': read_train_seconds(run_dir),
+           'epochs': a['epochs'], 'best_epoch': ckpt['epoch'], 'train_seconds': read_train_seconds(run_dir),
            'test_data': data_name, 'n_test': n,
            'test_elbo_nats': (log_px - kl).mean().item(), 'test_recon_nats': log_px.mean().item(),
            'test_kl_nats': kl.mean().item(), 'iwae_nats': logp.mean().item(), 'iwae_k': args.k,
@@ -245,7 +245,10 @@ def plot_results(rows, summary, path):
     ax.grid(axis='y', alpha=0.3)
     for i, s in enumerate(binar):
         rs = [r for r in rows if r['dist'] == s['dist']]
-        bx.errorbar([i], [-s['iwae_nats_mean']], yerr=1.96 * rs[0]['iwae_stderr'], fmt='s', color='C2', capsize=4, ms=8)
+        half = ((s['iwae_nats_ci95_hi'] - s['iwae_nats_ci95_lo']) / 2 if s['n_seeds'] > 1
+                else 1.96 * rs[0]['iwae_stderr'])
+        bx.errorbar([i], [-s['iwae_nats_mean']], yerr=half, fmt='s', color='C2', capsize=4, ms=8)
+        bx.plot([i] * len(rs), [-r['iwae_nats'] for r in rs], '.', color='gray')
     bx.set_xticks(range(len(binar)), [s['dist'] for s in binar])
     bx.set_xlim(-1, max(1, len(binar)))
     bx.set_ylabel('NLL (nats per image)')

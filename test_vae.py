@@ -328,3 +328,110 @@ def test_train_end_to_end(tmp_path, mnist_dir):
     import matplotlib.image
     img = matplotlib.image.imread(out / 'reconstructions.png')
     assert img.shape[0] > 100 and img.shape[1] > 400 and img.std() > 0.05  # not blank
+
+
+# -----------------------------------------------------------------------------
+# compare_likelihoods.py
+
+import compare_likelihoods as cmp  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_runs(tmp_path_factory, mnist_dir):
+    """Two tiny trained runs (1 epoch on 512 images, latent dim 2): categorical with 16 bins
+    (an exact discrete likelihood) and gaussian (a density, scored through the bound)."""
+    root = tmp_path_factory.mktemp('runs')
+    runs = []
+    for dist, extra in [('categorical', ['--bins', '16']), ('gaussian', [])]:
+        out = root / dist
+        train.train(train.parse_args(['--dist', dist, '--data-dir', mnist_dir, '--out-dir', str(out),
+                                      '--subset', '512', '--epochs', '1', '--latent-dim', '2'] + extra))
+        runs.append(str(out))
+    return runs
+
+
+def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):
+    model, _ = vae.load_checkpoint(os.path.join(tiny_runs[0], 'model.pt'))
+    x, _ = cmp.scored_data(model.lik, vae.load_mnist(mnist_dir)['test'][0][:200])
+    lw, log_px, kl, mu = cmp.log_weights(model, x, 100, torch.Generator().manual_seed(0))
+    assert lw.shape == (100, 200) and mu.shape == (200, 2)
+    est = {k: cmp.iwae(lw, k).mean().item() for k in (1, 2, 10, 100)}
+    elbo = (log_px - kl).mean().item()
+    # k = 1 is the ELBO (with a sampled KL); every larger k is above it, and grows with k
+    assert abs(est[1] - elbo) < 0.01 * abs(elbo)
+    assert elbo < est[2] < est[10] < est[100]
+    se = cmp.iwae(lw, 100).std() / math.sqrt(200)
+    assert se > 0
+
+
+@pytest.mark.parametrize('bins', [256, 16, 2, 7])
+def test_bits_per_dim_of_a_uniform_categorical(bins):
+    """Uniform over K bins: 8 bits/dim exactly when K divides 256 (each 8-bit value gets
+    1/256); for K = 7 each value of bin b gets 1/(7 |b|), computed here by counting."""
+    lik = vae.make_likelihood('categorical', bins=bins)
+    torch.nn.init.zeros_(lik.head.weight)
+    torch.nn.init.zeros_(lik.head.bias)
+    x8 = random_x8(4, 1, 28, 28)
+    log_p = lik.log_prob(torch.randn(4, 28, 28, vae.VAE.features), vae.eval_data(lik, x8))
+    shift, kind = cmp.to_8bit(lik, x8)
+    bpd = -(log_p + shift) / (784 * math.log(2))
+    size = [sum(1 for v in range(256) if v * bins // 256 == b) for b in range(bins)]
+    want = torch.tensor([sum(math.log2(bins * size[v * bins // 256]) for v in img.flatten().tolist()) / 784
+                         for img in x8])
+    torch.testing.assert_close(bpd, want, rtol=1e-5, atol=1e-5)
+    if 256 % bins == 0:
+        torch.testing.assert_close(bpd, torch.full((4,), 8.0), rtol=1e-5, atol=1e-5)
+    assert kind.startswith('exact')
+
+
+def test_dequantised_bound_is_above_the_exact_discrete_nll():
+    """Gaussian decoder on 8 small images: -E_u[log p((v + u)/256)] + 16 log 256 (E_u by the
+    midpoint rule) >= -log P(v), with P(v) = F((v + 1)/256) - F(v/256) from Normal's CDF."""
+    lik = vae.make_likelihood('gaussian')
+    gen = torch.Generator().manual_seed(0)
+    x8 = random_x8(8, 1, 4, 4)
+    loc = x8[:, 0].double() / 255 + 0.03 * torch.randn(8, 4, 4, generator=gen, dtype=torch.float64)
+    raw = torch.randn(8, 4, 4, generator=gen, dtype=torch.float64) - 3  # std about 0.02 to 0.15
+    d = lik.dist(torch.stack([loc, raw], -1))                      # 8 images of 4 x 4
+    u = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
+    bound = -d.log_prob((x8.double() + u.view(-1, 1, 1, 1, 1)) / 256).mean(0) + 16 * math.log(256)
+    cdf = d.base_dist.cdf
+    exact = -torch.log(cdf((x8.double() + 1) / 256) - cdf(x8.double() / 256)).flatten(1).sum(1)
+    assert torch.isfinite(exact).all() and (bound > exact).all()
+    shift, kind = cmp.to_8bit(lik, random_x8(2, 1, 28, 28))
+    assert torch.equal(shift, torch.full((2,), -784 * math.log(256))) and 'bound' in kind
+
+
+def test_compare_script_on_two_tiny_runs(tiny_runs, mnist_dir, tmp_path):
+    out = tmp_path / 'results'
+    cmp.main(tiny_runs + ['--data-dir', mnist_dir, '--out', str(out), '--k', '4', '--n-test', '64',
+                          '--n-curve', '2'])
+    rows = list(csv.DictReader(open(out / 'likelihoods.csv')))
+    listed = ['dist', 'seed', 'latent_dim', 'epochs', 'train_seconds', 'test_elbo_nats', 'test_recon_nats',
+              'test_kl_nats', 'iwae_nats', 'iwae_k', 'iwae_stderr', 'bits_per_dim', 'bound_or_exact',
+              'active_units', 'torch', 'git_commit', 'device']
+    assert len(rows) == 2 and set(listed) <= set(rows[0])
+    by = {r['dist']: r for r in rows}
+    assert set(by) == {'categorical-K16', 'gaussian'}
+    assert by['categorical-K16']['bound_or_exact'].startswith('exact')
+    assert by['gaussian']['bound_or_exact'].startswith('upper bound')
+    for r in rows:
+        assert r['iwae_k'] == '4' and r['n_test'] == '64' and float(r['iwae_stderr']) > 0
+        assert r['epochs'] == '1' and r['best_epoch'] == '1'
+        assert 0 < float(r['bits_per_dim']) < 20 and 0 <= int(r['active_units']) <= 2
+    summary = list(csv.DictReader(open(out / 'likelihoods_summary.csv')))
+    assert [s['dist'] for s in summary] == ['categorical-K16', 'gaussian']
+    assert all(s['n_seeds'] == '1' and s['bits_per_dim_ci95_lo'] == '' for s in summary)  # one seed
+    bfs = list(csv.DictReader(open(out / 'bayes_factors.csv')))
+    diff = -float(by['categorical-K16']['nll_8bit_nats']) + float(by['gaussian']['nll_8bit_nats'])
+    assert len(bfs) == 1 and abs(float(bfs[0]['mean_log_bf_nats']) - diff) < 1e-2
+    import matplotlib.image
+    for name in ['likelihoods.png', 'samples.png', 'reconstructions.png']:
+        img = matplotlib.image.imread(out / name)
+        assert img.shape[0] > 100 and img.std() > 0.05, name
+
+
+def test_mean_ci_over_seeds():
+    assert cmp.mean_ci([2.0]) == (2.0, None, None)
+    m, lo, hi = cmp.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and math.isclose(hi - m, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-9) and math.isclose(m - lo, hi - m)
