@@ -338,14 +338,14 @@ import compare_likelihoods as cmp  # noqa: E402
 
 @pytest.fixture(scope='session')
 def tiny_runs(tmp_path_factory, mnist_dir):
-    """Two tiny trained runs (1 epoch on 512 images, latent dim 2): categorical with 16 bins
-    (an exact discrete likelihood) and gaussian (a density, scored through the bound)."""
+    """Tiny trained runs (1 epoch on 512 images, latent dim 2): categorical with 16 bins (an
+    exact discrete likelihood), and gaussian (a density, scored through the bound) on two seeds."""
     root = tmp_path_factory.mktemp('runs')
     runs = []
-    for dist, extra in [('categorical', ['--bins', '16']), ('gaussian', [])]:
-        out = root / dist
-        train.train(train.parse_args(['--dist', dist, '--data-dir', mnist_dir, '--out-dir', str(out),
-                                      '--subset', '512', '--epochs', '1', '--latent-dim', '2'] + extra))
+    for dist, seed, extra in [('categorical', 0, ['--bins', '16']), ('gaussian', 0, []), ('gaussian', 1, [])]:
+        out = root / f'{dist}-s{seed}'
+        train.train(train.parse_args(['--dist', dist, '--data-dir', mnist_dir, '--out-dir', str(out), '--seed',
+                                      str(seed), '--subset', '512', '--epochs', '1', '--latent-dim', '2'] + extra))
         runs.append(str(out))
     return runs
 
@@ -402,7 +402,7 @@ def test_dequantised_bound_is_above_the_exact_discrete_nll():
     assert torch.equal(shift, torch.full((2,), -784 * math.log(256))) and 'bound' in kind
 
 
-def test_compare_script_on_two_tiny_runs(tiny_runs, mnist_dir, tmp_path):
+def test_compare_script_on_tiny_runs(tiny_runs, mnist_dir, tmp_path):
     out = tmp_path / 'results'
     cmp.main(tiny_runs + ['--data-dir', mnist_dir, '--out', str(out), '--k', '4', '--n-test', '64',
                           '--n-curve', '2'])
@@ -410,19 +410,23 @@ def test_compare_script_on_two_tiny_runs(tiny_runs, mnist_dir, tmp_path):
     listed = ['dist', 'seed', 'latent_dim', 'epochs', 'train_seconds', 'test_elbo_nats', 'test_recon_nats',
               'test_kl_nats', 'iwae_nats', 'iwae_k', 'iwae_stderr', 'bits_per_dim', 'bound_or_exact',
               'active_units', 'torch', 'git_commit', 'device']
-    assert len(rows) == 2 and set(listed) <= set(rows[0])
-    by = {r['dist']: r for r in rows}
-    assert set(by) == {'categorical-K16', 'gaussian'}
+    assert len(rows) == 3 and set(listed) <= set(rows[0])
+    assert [(r['dist'], r['seed']) for r in rows] == [('categorical-K16', '0'), ('gaussian', '0'), ('gaussian', '1')]
+    by = {r['dist']: r for r in rows[:2]}
     assert by['categorical-K16']['bound_or_exact'].startswith('exact')
     assert by['gaussian']['bound_or_exact'].startswith('upper bound')
     for r in rows:
         assert r['iwae_k'] == '4' and r['n_test'] == '64' and float(r['iwae_stderr']) > 0
         assert r['epochs'] == '1' and r['best_epoch'] == '1'
         assert 0 < float(r['bits_per_dim']) < 20 and 0 <= int(r['active_units']) <= 2
-    summary = list(csv.DictReader(open(out / 'likelihoods_summary.csv')))
-    assert [s['dist'] for s in summary] == ['categorical-K16', 'gaussian']
-    assert all(s['n_seeds'] == '1' and s['bits_per_dim_ci95_lo'] == '' for s in summary)  # one seed
-    bfs = list(csv.DictReader(open(out / 'bayes_factors.csv')))
+    summary = {s['dist']: s for s in csv.DictReader(open(out / 'likelihoods_summary.csv'))}
+    assert list(summary) == ['categorical-K16', 'gaussian']
+    cat, gau = summary['categorical-K16'], summary['gaussian']
+    assert cat['n_seeds'] == '1' and cat['bits_per_dim_ci95_lo'] == ''   # one seed: no interval
+    bpd = [float(r['bits_per_dim']) for r in rows[1:]]                    # two seeds: t interval
+    assert gau['n_seeds'] == '2' and math.isclose(float(gau['bits_per_dim_mean']), sum(bpd) / 2, rel_tol=1e-4)
+    assert float(gau['bits_per_dim_ci95_lo']) < min(bpd) <= max(bpd) < float(gau['bits_per_dim_ci95_hi'])
+    bfs = list(csv.DictReader(open(out / 'bayes_factors.csv')))           # pairs within a seed only
     diff = -float(by['categorical-K16']['nll_8bit_nats']) + float(by['gaussian']['nll_8bit_nats'])
     assert len(bfs) == 1 and abs(float(bfs[0]['mean_log_bf_nats']) - diff) < 1e-2
     import matplotlib.image
