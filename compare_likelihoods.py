@@ -73,30 +73,23 @@ def iwae(lw, k):
     return (torch.logsumexp(groups, 1) - math.log(k)).mean(0)
 
 
-def to_8bit(lik, x8):
-    """Per-image log P(8-bit x) - log p(evaluated data), and what kind of number it gives.
-    Densities: -784 log 256 (a bound by Jensen); categorical bins: -sum log(bin size)."""
+def footing(lik, x8):
+    """How a model is scored on the 8-bit test images x8: the fixed data it is evaluated on,
+    its name, the per-image log P(8-bit x) - log p(that data) (None for bernoulli), and what
+    kind of number that gives. All densities share one dequantisation (the noise of beta's own
+    evaluation data) and get -784 log 256, a bound by Jensen; categorical bins get
+    -sum log(bin size); 8-bit levels are exact."""
+    n = x8.shape[0]
     if isinstance(lik, vae.BernoulliLik):
-        return None, 'binarised data: not comparable'
-    if isinstance(lik, vae.CategoricalLik):
-        size = torch.bincount(torch.arange(256) * lik.bins // 256, minlength=lik.bins).float()
-        bins = (x8.long() * lik.bins // 256).flatten(1)
-        return -size.log()[bins].sum(1), 'exact (discrete)'
-    if isinstance(lik, vae.LogisticLik):
-        return torch.zeros(x8.shape[0]), 'exact (discrete)'
-    return torch.full((x8.shape[0],), -vae.N_PIXELS * LOG256), 'upper bound (dequantised)'
-
-
-def scored_data(lik, x8):
-    """The fixed test set this model is scored on, and its name. All densities share one
-    dequantisation (the same noise as beta's own evaluation data)."""
-    if isinstance(lik, vae.BernoulliLik):
-        return vae.eval_data(lik, x8), 'binarised'
+        return vae.eval_data(lik, x8), 'binarised', None, 'binarised data: not comparable'
     if isinstance(lik, vae.CategoricalLik) and lik.bins != 256:
-        return vae.eval_data(lik, x8), f'{lik.bins} bins'
+        size = torch.bincount(torch.arange(256) * lik.bins // 256, minlength=lik.bins).float()
+        shift = -size.log()[(x8.long() * lik.bins // 256).flatten(1)].sum(1)
+        return vae.eval_data(lik, x8), f'{lik.bins} bins', shift, 'exact (discrete)'
     if isinstance(lik, (vae.CategoricalLik, vae.LogisticLik)):
-        return vae.eval_data(lik, x8), '8-bit levels'
-    return vae.dequantize(x8, torch.Generator().manual_seed(vae.EVAL_SEED)), 'dequantised'
+        return vae.eval_data(lik, x8), '8-bit levels', torch.zeros(n), 'exact (discrete)'
+    return (vae.dequantize(x8, torch.Generator().manual_seed(vae.EVAL_SEED)), 'dequantised',
+            torch.full((n,), -vae.N_PIXELS * LOG256), 'upper bound (dequantised)')
 
 
 @torch.inference_mode()
@@ -124,8 +117,8 @@ def evaluate_run(run_dir, test_x8, args, device):
     t0 = time.time()
     model, ckpt = vae.load_checkpoint(os.path.join(run_dir, 'model.pt'), device)
     lik, a = model.lik, ckpt['args']
-    x8 = test_x8[:args.n_test]
-    x, data_name = scored_data(lik, x8.cpu())
+    x8 = test_x8[:args.n_test].cpu()
+    x, data_name, shift, kind = footing(lik, x8)
     x = x.to(device)
     gen = torch.Generator(device).manual_seed(vae.EVAL_SEED)
     lw, log_px, kl, mu = [], [], [], []
@@ -139,7 +132,6 @@ def evaluate_run(run_dir, test_x8, args, device):
     curve_x = x[:args.n_curve]
     curve_lw = torch.cat([log_weights(model, xb, max(CURVE), gen)[0]
                           for xb in curve_x.split(max(1, 2000 // max(CURVE)))], 1)
-    shift, kind = to_8bit(lik, x8.cpu())
     row = {'dist': a['dist'] + (f"-K{a['bins']}" if a['dist'] == 'categorical' and a['bins'] != 256 else ''),
            'seed': a['seed'], 'latent_dim': a['latent_dim'],
            'epochs': a['epochs'], 'best_epoch': ckpt['epoch'], 'train_seconds': read_train_seconds(run_dir),

@@ -352,7 +352,7 @@ def tiny_runs(tmp_path_factory, mnist_dir):
 
 def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):
     model, _ = vae.load_checkpoint(os.path.join(tiny_runs[0], 'model.pt'))
-    x, _ = cmp.scored_data(model.lik, vae.load_mnist(mnist_dir)['test'][0][:200])
+    x = cmp.footing(model.lik, vae.load_mnist(mnist_dir)['test'][0][:200])[0]
     lw, log_px, kl, mu = cmp.log_weights(model, x, 100, torch.Generator().manual_seed(0))
     assert lw.shape == (100, 200) and mu.shape == (200, 2)
     est = {k: cmp.iwae(lw, k).mean().item() for k in (1, 2, 10, 100)}
@@ -373,7 +373,7 @@ def test_bits_per_dim_of_a_uniform_categorical(bins):
     torch.nn.init.zeros_(lik.head.bias)
     x8 = random_x8(4, 1, 28, 28)
     log_p = lik.log_prob(torch.randn(4, 28, 28, vae.VAE.features), vae.eval_data(lik, x8))
-    shift, kind = cmp.to_8bit(lik, x8)
+    _, _, shift, kind = cmp.footing(lik, x8)
     bpd = -(log_p + shift) / (784 * math.log(2))
     size = [sum(1 for v in range(256) if v * bins // 256 == b) for b in range(bins)]
     want = torch.tensor([sum(math.log2(bins * size[v * bins // 256]) for v in img.flatten().tolist()) / 784
@@ -398,7 +398,7 @@ def test_dequantised_bound_is_above_the_exact_discrete_nll():
     cdf = d.base_dist.cdf
     exact = -torch.log(cdf((x8.double() + 1) / 256) - cdf(x8.double() / 256)).flatten(1).sum(1)
     assert torch.isfinite(exact).all() and (bound > exact).all()
-    shift, kind = cmp.to_8bit(lik, random_x8(2, 1, 28, 28))
+    _, _, shift, kind = cmp.footing(lik, random_x8(2, 1, 28, 28))
     assert torch.equal(shift, torch.full((2,), -784 * math.log(256))) and 'bound' in kind
 
 
