@@ -3,6 +3,8 @@
 #   make test DATA=path/to/mnist
 #   make compare DATA=path/to/mnist   (every likelihood, then compare_likelihoods.py;
 #                                      QUICK=1 for a first look, SEEDS="0 1 2" for several)
+#   make latent DATA=path/to/mnist    (a 2-D latent model of DIST, seed 0, and its two figures)
+#   make latent-all DATA=...          (the same for every likelihood, and results/latent_all.png)
 # DATA is the directory holding MNIST/raw/ (downloaded there if missing and online).
 # The first target that needs Python creates .venv from requirements.txt.
 
@@ -39,7 +41,7 @@ RESULTS ?= results
 endif
 COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
 
-.PHONY: train test compare
+.PHONY: train test compare latent latent-all
 
 train: $(RUN)/model.pt
 
@@ -52,6 +54,18 @@ $(addsuffix /model.pt,$(COMPARE_RUNS)): EPOCHS = $(COMPARE_EPOCHS)
 $(RESULTS)/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(COMPARE_RUNS)) | $(VENV)/.installed
 	$(PY) compare_likelihoods.py $(COMPARE_RUNS) --data-dir $(DATA) --out $(RESULTS) \
 	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE)
+
+# make latent: results/latent_<dist>.png and results/manifold_<dist>.png of runs/<dist>-z2-s0,
+# trained first if missing; make latent-all: those for every likelihood, and all side by side.
+latent: results/latent_$(DIST).png
+
+latent-all: results/latent_all.png $(foreach d,$(DISTS),results/latent_$(d).png)
+
+results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.py compare_likelihoods.py | $(VENV)/.installed
+	$(PY) plot_latent.py --ckpt $< --data-dir $(DATA) --out results
+
+results/latent_all.png: plot_latent.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
+	$(PY) plot_latent.py --ckpt $(filter %.pt,$^) --data-dir $(DATA) --all $@
 
 test: | $(VENV)/.installed
 	MNIST_DATA=$(DATA) $(PY) -m pytest -q test_vae.py

@@ -73,6 +73,14 @@ def iwae(lw, k):
     return (torch.logsumexp(groups, 1) - math.log(k)).mean(0)
 
 
+def importance_log_px(model, x, k, generator=None):
+    """log p(x) by importance sampling (IWAE, k draws) for every image of x, in batches: (n,);
+    also the k-sample mean of log p(x|z), the closed-form KL (n,) and the posterior means (n, D)."""
+    out = [log_weights(model, xb, k, generator) for xb in x.split(max(1, 2000 // min(k, 2000)))]
+    lw, log_px, kl, mu = zip(*out)                        # lw: (k, b) per batch
+    return iwae(torch.cat(lw, 1), k), torch.cat(log_px), torch.cat(kl), torch.cat(mu)
+
+
 def footing(lik, x8):
     """How a model is scored on the 8-bit test images x8: the fixed data it is evaluated on,
     its name, the per-image log P(8-bit x) - log p(that data) (None for bernoulli), and what
@@ -121,13 +129,8 @@ def evaluate_run(run_dir, test_x8, args, device):
     x, data_name, shift, kind = footing(lik, x8)
     x = x.to(device)
     gen = torch.Generator(device).manual_seed(vae.EVAL_SEED)
-    lw, log_px, kl, mu = [], [], [], []
-    for xb in x.split(max(1, 2000 // min(args.k, 2000))):
-        out = log_weights(model, xb, args.k, gen)
-        for acc, o in zip((lw, log_px, kl, mu), out):
-            acc.append(o)
-    lw, log_px, kl, mu = torch.cat(lw, 1), torch.cat(log_px), torch.cat(kl), torch.cat(mu)
-    logp = iwae(lw, args.k).cpu()                                     # (n,)
+    logp, log_px, kl, mu = importance_log_px(model, x, args.k, gen)   # (n,) each, mu (n, D)
+    logp = logp.cpu()
     n = logp.shape[0]
     curve_x = x[:args.n_curve]
     curve_lw = torch.cat([log_weights(model, xb, max(CURVE), gen)[0]

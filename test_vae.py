@@ -1,5 +1,6 @@
 """Tests: normalised likelihoods, closed-form KL, shapes, gradients, the MSE form, and an
 end-to-end run on real MNIST (data dir from $MNIST_DATA; `make test DATA=...` sets it)."""
+import argparse
 import csv
 import math
 import os
@@ -439,3 +440,126 @@ def test_mean_ci_over_seeds():
     assert cmp.mean_ci([2.0]) == (2.0, None, None)
     m, lo, hi = cmp.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and math.isclose(hi - m, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-9) and math.isclose(m - lo, hi - m)
+
+
+# -----------------------------------------------------------------------------
+# plot_latent.py
+
+import plot_latent  # noqa: E402
+
+
+def test_knn_accuracy_on_separated_clusters_and_on_shuffled_labels():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(100)                           # 1,000 points, 10 digits
+    angle = labels.float() * 2 * math.pi / 10
+    centres = 50 * torch.stack([angle.cos(), angle.sin()], 1)                  # 31 apart, spread 1
+    points = centres + torch.randn(1000, 2, generator=gen)
+    assert plot_latent.knn_accuracy(points, labels) == 1.0
+    shuffled = labels[torch.randperm(1000, generator=gen)]
+    assert abs(plot_latent.knn_accuracy(points, shuffled) - 0.1) < 0.04        # chance: 1 in 10
+    # a 1-1 tie (k = 2) goes to the nearer neighbour: point 0 has 1 (label 1) and -2 (label 2)
+    line = torch.tensor([[0.0], [1.0], [-2.0], [1.1], [-2.1]])
+    assert plot_latent.knn_accuracy(line, torch.tensor([1, 1, 2, 1, 2]), k=2) == 1.0
+    assert plot_latent.knn_accuracy(line, torch.tensor([2, 1, 2, 1, 2]), k=2) == 0.8
+
+
+def test_manifold_grid_sits_at_prior_quantiles():
+    from statistics import NormalDist
+    n = 20
+    q = plot_latent.prior_quantiles(n)
+    want = torch.tensor([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)])
+    torch.testing.assert_close(q, want, rtol=0, atol=1e-5)
+    assert abs(q[0] + 1.959964) < 1e-5 and torch.allclose(q, -q.flip(0), atol=1e-6)
+    z = plot_latent.manifold_latents(n, torch.eye(2)).view(n, n, 2)            # (row, column, z)
+    for i in range(n):
+        for j in range(n):          # z1 grows to the right, z2 upwards (row 0 is the top)
+            assert z[i, j, 0] == q[j] and z[i, j, 1] == q[n - 1 - i]
+    # in more dimensions: the same quantiles along the two basis directions, 0 elsewhere
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0)))[0]
+    z6 = plot_latent.manifold_latents(n, basis)
+    torch.testing.assert_close(z6 @ basis, z.view(-1, 2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(z6 - z6 @ basis @ basis.T, torch.zeros(n * n, 6), rtol=0, atol=1e-5)
+
+
+def test_pca_plane_finds_the_main_directions():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 1, generator=gen), torch.randn(500, 1, generator=gen)
+    a, b = a - a.mean(), b - b.mean()
+    b = b - (a * b).sum() / (a * a).sum() * a                                 # uncorrelated with a
+    e = torch.eye(5)
+    mu = 10 * a * -e[1] + 3 * b * e[3] + 0.01 * torch.randn(500, 5, generator=gen) + 7
+    basis, note = plot_latent.plane(mu)
+    torch.testing.assert_close(basis, torch.stack([e[1], e[3]], 1), rtol=0, atol=1e-3)  # signs: largest loading > 0
+    assert 'latent dim 5' in note and 'principal components' in note and '(100% of its variance)' in note
+    assert plot_latent.plane(mu[:, :2])[1] is None and torch.equal(plot_latent.plane(mu[:, :2])[0], torch.eye(2))
+
+
+def test_plot_latent_on_tiny_checkpoints(tiny_runs, mnist_dir, tmp_path):
+    out, n = tmp_path / 'results', 300
+    figs = plot_latent.main(['--ckpt', tiny_runs[0], '--n', str(n), '--out', str(out), '--data-dir', mnist_dir,
+                             '--k', '3', '--n-nll', '40', '--grid', '5'])
+    latent, manifold = out / 'latent_categorical-K16.png', out / 'manifold_categorical-K16.png'
+    assert set(figs) == {str(latent), str(manifold)} and latent.stat().st_size > 0 and manifold.stat().st_size > 0
+    # the scatter: exactly the encoder means of the first n test images, each in its digit's colour
+    model, _ = vae.load_checkpoint(os.path.join(tiny_runs[0], 'model.pt'))
+    x8, labels = vae.load_mnist(mnist_dir)['test']
+    with torch.no_grad():
+        mu = model.encode(vae.eval_data(model.lik, x8[:n]))[0]
+    ax = figs[str(latent)].axes[0]
+    assert [c.get_label() for c in ax.collections] == [str(d) for d in range(10)]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == n
+    for d, c in enumerate(ax.collections):
+        torch.testing.assert_close(torch.tensor(c.get_offsets().data).float(), mu[labels[:n] == d], rtol=0, atol=1e-6)
+    # the title's NLL is the comparison's number for the same k and images
+    row = cmp.evaluate_run(tiny_runs[0], x8, argparse.Namespace(k=3, n_test=40, n_curve=1), torch.device('cpu'))[0]
+    title = ax.get_title()
+    assert 'categorical likelihood' in title and f"test NLL {row['nll_8bit_nats']:.1f} " in title
+    assert f"= {row['bits_per_dim']:.3f} bits/dim" in title
+    # the manifold: a 5 x 5 grid of 28 x 28 decoder means
+    img = figs[str(manifold)].axes[0].get_images()[0].get_array()
+    assert img.shape == (5 * 28, 5 * 28) and img.std() > 0.01
+    # --all: one panel per checkpoint, titled with the kNN accuracy of the plotted points
+    figs = plot_latent.main(['--ckpt', tiny_runs[0], tiny_runs[1], '--n', str(n), '--all', str(out / 'all.png'),
+                             '--data-dir', mnist_dir])
+    axes = figs[str(out / 'all.png')].axes
+    assert (out / 'all.png').stat().st_size > 0 and [a.get_title().split('\n')[0] for a in axes[:2]] == \
+        ['categorical-K16', 'gaussian']
+    acc = plot_latent.knn_accuracy(mu, labels[:n])
+    assert f'5-NN accuracy {100 * acc:.1f}%' in axes[0].get_title()
+
+
+def test_plot_latent_uses_principal_components_beyond_two_dims(mnist_dir, tmp_path):
+    run = tmp_path / 'z3'
+    train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(run), '--subset', '256',
+                                  '--epochs', '1', '--latent-dim', '3', '--seed', '2']))
+    figs = plot_latent.main(['--ckpt', str(run / 'model.pt'), '--n', '200', '--out', str(tmp_path),
+                             '--data-dir', mnist_dir, '--n-nll', '0', '--grid', '4'])
+    ax = figs[str(tmp_path / 'latent_bernoulli-z3-s2.png')].axes[0]
+    assert 'first two principal components' in ax.get_title() and ax.get_xlabel() == 'PC 1 of mu(x)'
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 200
+    assert 'principal directions' in figs[str(tmp_path / 'manifold_bernoulli-z3-s2.png')].axes[0].get_title()
+
+
+def bad_checkpoint(tmp_path, kind):
+    path = tmp_path / 'model.pt'
+    if kind == 'foreign':
+        torch.save({'state_dict': {'w': torch.zeros(2)}}, path)
+    elif kind == 'pickle':
+        torch.save({'format': vae.CKPT_FORMAT, 'args': argparse.Namespace(dist='bernoulli')}, path)
+    elif kind == 'truncated':
+        torch.save({'w': torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    elif kind == 'text':
+        path.write_text('not a checkpoint\n')
+    return path
+
+
+@pytest.mark.parametrize('kind,says', [('missing', 'no such checkpoint'), ('foreign', 'not a checkpoint written by'),
+                                       ('pickle', 'weights_only=True'), ('truncated', 'not a readable PyTorch file'),
+                                       ('text', 'not a readable PyTorch file')])
+def test_plot_latent_bad_checkpoint_is_one_line(tmp_path, kind, says):
+    path = bad_checkpoint(tmp_path, kind)
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'plot_latent.py'), '--ckpt', str(path),
+                        '--out', str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.startswith('error: ') and says in r.stderr, r.stderr
+    assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr and not (tmp_path / 'out').exists()
