@@ -31,6 +31,7 @@ import time
 
 import torch
 from torch.distributions import Bernoulli, Independent, Normal
+from tqdm import tqdm
 
 import train
 import vae
@@ -76,7 +77,8 @@ def iwae(lw, k):
 def importance_log_px(model, x, k, generator=None):
     """log p(x) by importance sampling (IWAE, k draws) for every image of x, in batches: (n,);
     also the k-sample mean of log p(x|z), the closed-form KL (n,) and the posterior means (n, D)."""
-    out = [log_weights(model, xb, k, generator) for xb in x.split(max(1, 2000 // min(k, 2000)))]
+    batches = x.split(max(1, 2000 // min(k, 2000)))
+    out = [log_weights(model, xb, k, generator) for xb in tqdm(batches, 'log p(x)', leave=False, disable=None)]
     lw, log_px, kl, mu = zip(*out)                        # lw: (k, b) per batch
     return iwae(torch.cat(lw, 1), k), torch.cat(log_px), torch.cat(kl), torch.cat(mu)
 
