@@ -84,6 +84,9 @@ run_seed   = $(patsubst s%,%,$(lastword $(subst -, ,$1)))
 run_latent = $(patsubst z%,%,$(lastword $(subst -, ,$(patsubst %-s$(call run_seed,$1),%,$1))))
 run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 
+# A model reached only through a chain of pattern rules (make latent) would count as an
+# intermediate file, which make deletes when it is done; .PRECIOUS keeps every model.
+.PRECIOUS: runs/%/model.pt
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
 	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS)

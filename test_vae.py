@@ -516,8 +516,12 @@ def test_plot_latent_on_tiny_checkpoints(tiny_runs, mnist_dir, tmp_path):
     assert 'categorical likelihood' in title and f"test NLL {row['nll_8bit_nats']:.1f} " in title
     assert f"= {row['bits_per_dim']:.3f} bits/dim" in title
     # the manifold: a 5 x 5 grid of 28 x 28 decoder means
-    img = figs[str(manifold)].axes[0].get_images()[0].get_array()
+    img = torch.as_tensor(figs[str(manifold)].axes[0].get_images()[0].get_array())
     assert img.shape == (5 * 28, 5 * 28) and img.std() > 0.01
+    with torch.no_grad():                      # cell (i, j) is the decoder mean at z = (q[j], q[4 - i])
+        want = model.lik.mean(model.decode(plot_latent.manifold_latents(5, torch.eye(2)))).view(5, 5, 28, 28)
+    for i, j in [(0, 0), (0, 4), (2, 3), (4, 1)]:
+        torch.testing.assert_close(img[28 * i:28 * i + 28, 28 * j:28 * j + 28], want[i, j], rtol=0, atol=1e-5)
     # --all: one panel per checkpoint, titled with the kNN accuracy of the plotted points
     figs = plot_latent.main(['--ckpt', tiny_runs[0], tiny_runs[1], '--n', str(n), '--all', str(out / 'all.png'),
                              '--data-dir', mnist_dir])
@@ -563,3 +567,36 @@ def test_plot_latent_bad_checkpoint_is_one_line(tmp_path, kind, says):
                         '--out', str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.startswith('error: ') and says in r.stderr, r.stderr
     assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr and not (tmp_path / 'out').exists()
+
+
+
+FAKE_PYTHON = """#!/bin/sh
+echo "$@" >> calls.txt
+case "$1" in
+  train.py) while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && mkdir -p "$2" && touch "$2/model.pt"; shift; done ;;
+  plot_latent.py) mkdir -p results && touch results/latent_beta.png results/manifold_beta.png ;;
+esac
+"""
+
+
+def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
+    """The Makefile's own logic, with a stand-in for python that creates what the scripts would:
+    make latent trains, then plots; a second make does nothing; and the model survives. With DISTS
+    not naming DIST, the model is reached only through pattern rules, and without .PRECIOUS make
+    deleted it afterwards as an intermediate file."""
+    import shutil
+    for f in ['Makefile', 'train.py', 'vae.py', 'plot_latent.py', 'compare_likelihoods.py', 'requirements.txt']:
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    (tmp_path / '.venv').mkdir()
+    (tmp_path / '.venv' / '.installed').touch()
+    (tmp_path / 'fakepy').write_text(FAKE_PYTHON)
+    (tmp_path / 'fakepy').chmod(0o755)
+    make = ['make', 'latent', 'DATA=d', 'DIST=beta', 'DISTS=bernoulli', 'PY=./fakepy']
+    r = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / 'calls.txt').read_text().splitlines()
+    assert len(calls) == 2 and calls[0].startswith('train.py --dist beta --latent-dim 2 --seed 0 --epochs 20')
+    assert calls[1] == 'plot_latent.py --ckpt runs/beta-z2-s0/model.pt --data-dir d --out results'
+    assert (tmp_path / 'runs' / 'beta-z2-s0' / 'model.pt').exists() and 'rm ' not in r.stdout
+    subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert len((tmp_path / 'calls.txt').read_text().splitlines()) == 2      # up to date: nothing redone
