@@ -236,7 +236,9 @@ def main(argv=None):
         title = f"{a['dist']} likelihood, latent dim {a['latent_dim']}, epochs {a['epochs']} (best at {ckpt['epoch']})"
         if args.n_nll:
             print(f'{name}: test NLL by importance sampling, k = {args.k} on {args.n_nll} images ...', flush=True)
-            title += '\n' + nll_line(model, x8[:args.n_nll], args.k)
+            line = nll_line(model, x8[:args.n_nll], args.k)
+            print(f'{name}: {line}')
+            title += '\n' + line
         scatter_title = f'{title}\nencoder means mu(x) of the first {args.n} test digits'
         manifold_title = f'{title}\ndecoder means on a {args.grid} x {args.grid} grid of N(0, 1) prior quantiles'
         if pca:
