@@ -87,6 +87,8 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 # A model reached only through a chain of pattern rules (make latent) would count as an
 # intermediate file, which make deletes when it is done; .PRECIOUS keeps every model.
 .PRECIOUS: runs/%/model.pt
+# A run with last.pt but no model.pt was interrupted: it is resumed, not started over.
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
-	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS)
+	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS) \
+	  $(if $(wildcard $@),,$(if $(wildcard $(@D)/last.pt),--resume))

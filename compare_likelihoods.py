@@ -330,7 +330,7 @@ def print_tables(rows, bfs):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('runs', nargs='+', help='run directories holding model.pt and metrics.csv')
     p.add_argument('--data-dir', default='data')
     p.add_argument('--out', default='results')

@@ -186,7 +186,7 @@ def save(fig, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', nargs='+', required=True, help="model.pt files (or run directories holding one)")
     p.add_argument('--n', type=train.number(int, 10, 10000), default=1000, help='test images in the scatter')
     p.add_argument('--out', default='results', help='directory for latent_<name>.png and manifold_<name>.png')

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,7 +289,66 @@ def test_missing_data_gives_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / 'run').exists()
 
 
-def test_non_finite_loss_stops_and_keeps_best_checkpoint(tmp_path, monkeypatch, mnist_dir):
+def damaged_mnist(tmp_path, mnist_dir, how):
+    root = tmp_path / 'mnist'
+    (root / 'MNIST' / 'raw').mkdir(parents=True)
+    for f in vae.MNIST_FILES:
+        (root / 'MNIST' / 'raw' / f).write_bytes((Path(mnist_dir) / 'MNIST' / 'raw' / f).read_bytes())
+    images = root / 'MNIST' / 'raw' / 'train-images-idx3-ubyte'
+    size = images.stat().st_size
+    images.write_bytes(images.read_bytes()[:size // 3] if how == 'truncated'
+                       else torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes())
+    return str(root)
+
+
+BAD_INPUT = {   # case: (flags, what the one line must say)
+    'unknown dist': (['--dist', 'poisson'], "invalid choice: 'poisson'"),
+    'epochs 0': (['--epochs', '0'], '--epochs: 0 is outside [1, inf)'),
+    'epochs negative': (['--epochs', '-3'], '--epochs: -3 is outside [1, inf)'),
+    'batch size 0': (['--batch-size', '0'], '--batch-size: 0 is outside'),
+    'batch size negative': (['--batch-size', '-256'], '--batch-size: -256 is outside'),
+    'latent dim 0': (['--latent-dim', '0'], '--latent-dim: 0 is outside'),
+    'latent dim negative': (['--latent-dim', '-2'], '--latent-dim: -2 is outside'),
+    'samples 0': (['--samples', '0'], '--samples: 0 is outside'),
+    'samples negative': (['--samples', '-1'], '--samples: -1 is outside'),
+    'bins 1': (['--bins', '1'], '--bins: 1 is outside [2, 256]'),
+    'bins 257': (['--bins', '257'], '--bins: 257 is outside [2, 256]'),
+    'sigma 0': (['--sigma', '0'], '--sigma: 0.0 is outside (0, inf)'),
+    'sigma negative': (['--sigma', '-0.1'], '--sigma: -0.1 is outside (0, inf)'),
+    'data dir missing': (['--data-dir', '{tmp}/nowhere'], 'could not load or download MNIST'),
+    'MNIST truncated': (['--data-dir', '{truncated}'], 'truncated or damaged'),
+    'MNIST corrupt': (['--data-dir', '{corrupt}'], 'truncated or damaged'),
+    'out-dir is a file': (['--out-dir', '{tmp}/a-file'], 'is a file, not a directory'),
+    'out-dir not writable': (['--out-dir', '{readonly}/run'], 'cannot create --out-dir'),
+    'resume without last.pt': (['--resume'], 'last.pt to resume from'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUT))
+def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, mnist_dir, monkeypatch, capsys):
+    """train.py's command line, in-process: exit status non-zero, one line on stderr naming
+    the problem, and no output directory made or file changed."""
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', ['http://127.0.0.1:9/'])  # offline
+    flags, says = BAD_INPUT[case]
+    (tmp_path / 'a-file').write_text('keep me')
+    readonly = '/sys' if os.geteuid() == 0 else str(tmp_path / 'readonly')   # root ignores permissions
+    if readonly != '/sys':
+        (tmp_path / 'readonly').mkdir(mode=0o500)
+    names = {'tmp': tmp_path, 'readonly': readonly,
+             'truncated': damaged_mnist(tmp_path / 't', mnist_dir, 'truncated') if 'truncated' in case else '',
+             'corrupt': damaged_mnist(tmp_path / 'c', mnist_dir, 'corrupt') if 'corrupt' in case else ''}
+    argv = ['--data-dir', mnist_dir, '--out-dir', str(tmp_path / 'run'), '--epochs', '1', '--subset', '128']
+    argv += [f.format(**names) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        train.train(train.parse_args(argv))
+    code, err = e.value.code, capsys.readouterr().err
+    msg = code if isinstance(code, str) else err.rstrip('\n')      # sys.exit('...') prints it, exit status 1
+    assert code != 0 and msg.count('\n') == 0 and 'error: ' in msg and says in msg, msg
+    assert not (tmp_path / 'run').exists() and (tmp_path / 'a-file').read_text() == 'keep me'
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch, mnist_dir):
     calls = {'n': 0}
     real = vae.Likelihood.loss
 
@@ -303,8 +363,10 @@ def test_non_finite_loss_stops_and_keeps_best_checkpoint(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as e:
         train.train(args)
     assert 'non-finite' in str(e.value.code) and 'epoch 2, batch 1/2' in str(e.value.code)
-    model, ckpt = vae.load_checkpoint(str(out / 'model.pt'))
-    assert ckpt['epoch'] == 1
+    assert 'keeps epoch 1 (best val ELBO' in str(e.value.code) and 'no model.pt' in str(e.value.code)
+    assert not (out / 'model.pt').exists()             # an unfinished run is never published as done
+    last = torch.load(out / 'last.pt', weights_only=True)
+    assert last['epoch'] == 1 and last['best_epoch'] == 1 and last['best_state'] is not None
 
 
 def test_train_end_to_end(tmp_path, mnist_dir):
@@ -329,6 +391,80 @@ def test_train_end_to_end(tmp_path, mnist_dir):
     import matplotlib.image
     img = matplotlib.image.imread(out / 'reconstructions.png')
     assert img.shape[0] > 100 and img.shape[1] > 400 and img.std() > 0.05  # not blank
+
+
+# -----------------------------------------------------------------------------
+# interrupt, resume, determinism
+
+TINY = ['--subset', '1024', '--batch-size', '128', '--epochs', '3', '--latent-dim', '2', '--seed', '3']
+
+
+def train_cmd(out, mnist_dir, *extra):
+    return [sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', mnist_dir, '--out-dir', str(out), *TINY, *extra]
+
+
+def metric_values(run):
+    """metrics.csv as written, without the wall-time column."""
+    return [{k: v for k, v in r.items() if k != 'seconds'} for r in csv.DictReader(open(run / 'metrics.csv'))]
+
+
+def same_weights(a, b):
+    sa, sb = (torch.load(p / 'model.pt', weights_only=True) for p in (a, b))
+    return sa['epoch'] == sb['epoch'] and all(torch.equal(sa['state_dict'][k], sb['state_dict'][k]) for k in sa['state_dict'])
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp('reference') / 'run'
+    r = subprocess.run(train_cmd(out, mnist_dir), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_same_seed_same_flags_give_identical_metrics(reference_run, tmp_path, mnist_dir):
+    r = subprocess.run(train_cmd(tmp_path / 'again', mnist_dir), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(metric_values(reference_run)) == 3
+    assert metric_values(tmp_path / 'again') == metric_values(reference_run)
+    assert same_weights(tmp_path / 'again', reference_run)
+
+
+@pytest.mark.parametrize('sig', ['SIGKILL', 'SIGTERM', 'SIGINT'])
+def test_a_run_killed_mid_epoch_and_resumed_matches_the_uninterrupted_run(reference_run, tmp_path, mnist_dir, sig):
+    import signal
+    import time
+    out = tmp_path / 'run'
+    p = subprocess.Popen(train_cmd(out, mnist_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ((out / 'metrics.csv').exists() and len(metric_values(out)) >= 1):   # epoch 1 done ...
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)                                                                  # ... now inside epoch 2
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and not (out / 'model.pt').exists()
+    if sig != 'SIGKILL':   # Ctrl-C and SIGTERM: last.pt kept, and how to resume said
+        assert p.returncode == 130 and 'Resume with:' in err and '--resume' in err and 'Traceback' not in err, err
+    r = subprocess.run(train_cmd(out, mnist_dir, '--resume'), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'resuming' in r.stdout, r.stderr
+    assert metric_values(out) == metric_values(reference_run)
+    assert same_weights(out, reference_run)
+
+
+def test_resume_needs_last_pt_and_the_same_flags(reference_run, tmp_path, mnist_dir):
+    with pytest.raises(SystemExit) as e:
+        train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(tmp_path / 'none'), '--resume']))
+    assert 'no ' in str(e.value.code) and 'last.pt to resume from' in str(e.value.code)
+    before = (reference_run / 'metrics.csv').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(reference_run), *TINY,
+                                      '--latent-dim', '3', '--resume']))
+    assert 'written with --latent-dim 2, this run has --latent-dim 3' in str(e.value.code)
+    with pytest.raises(SystemExit) as e:     # a bernoulli run handed to a beta run
+        train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(reference_run), *TINY,
+                                      '--dist', 'beta', '--resume']))
+    assert 'written with --dist bernoulli, this run has --dist beta' in str(e.value.code)
+    assert (reference_run / 'metrics.csv').read_bytes() == before                    # nothing overwritten
 
 
 # -----------------------------------------------------------------------------
@@ -600,3 +736,26 @@ def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
     assert (tmp_path / 'runs' / 'beta-z2-s0' / 'model.pt').exists() and 'rm ' not in r.stdout
     subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert len((tmp_path / 'calls.txt').read_text().splitlines()) == 2      # up to date: nothing redone
+
+
+def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
+    """A run with last.pt and no model.pt was interrupted: make passes --resume. A finished run
+    whose model.pt is older than train.py is trained again from the start."""
+    import shutil
+    import time
+    for f in ['Makefile', 'train.py', 'vae.py', 'plot_latent.py', 'compare_likelihoods.py', 'requirements.txt']:
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    (tmp_path / '.venv').mkdir()
+    (tmp_path / '.venv' / '.installed').touch()
+    (tmp_path / 'fakepy').write_text(FAKE_PYTHON)
+    (tmp_path / 'fakepy').chmod(0o755)
+    run = tmp_path / 'runs' / 'compare' / 'beta-z32-s0'
+    run.mkdir(parents=True)
+    (run / 'last.pt').touch()
+    make = ['make', 'runs/compare/beta-z32-s0/model.pt', 'DATA=d', 'PY=./fakepy']
+    assert subprocess.run(make, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
+    time.sleep(1.1)
+    (tmp_path / 'train.py').touch()                                   # the code changed
+    assert subprocess.run(make, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
+    calls = (tmp_path / 'calls.txt').read_text().splitlines()
+    assert len(calls) == 2 and calls[0].endswith('--resume') and '--resume' not in calls[1]

@@ -11,6 +11,9 @@ import argparse
 import csv
 import math
 import os
+import random
+import shlex
+import signal
 import sys
 import time
 
@@ -40,8 +43,14 @@ def number(kind, low=None, high=None, low_open=False):
     return parse
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), not the usage block."""
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (--help lists the flags)\n')
+
+
+def make_parser():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dist', default='bernoulli', choices=list(vae.LIKELIHOODS), help='likelihood p(x|z)')
     p.add_argument('--latent-dim', type=number(int, 1), default=32)
     p.add_argument('--epochs', type=number(int, 1), default=20)
@@ -61,7 +70,13 @@ def parse_args(argv=None):
     p.add_argument('--out-dir', default=None, help='default: runs/<dist>-z<latent>-s<seed>')
     p.add_argument('--subset', type=number(int, 1, 50000), default=None,
                    help='train on the first N training images only (quick runs)')
-    args = p.parse_args(argv)
+    p.add_argument('--resume', action='store_true',
+                   help='continue the run in --out-dir from its last.pt (same flags; --epochs may grow)')
+    return p
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     if args.out_dir is None:
         args.out_dir = os.path.join('runs', f'{args.dist}-z{args.latent_dim}-s{args.seed}')
     return args
@@ -157,80 +172,167 @@ def save_figures(model, test_x, out_dir, title):
 
 
 # -----------------------------------------------------------------------------
+# interrupt and resume
+
+LAST_FORMAT = vae.CKPT_FORMAT + '/last'
+RESUME_MAY_CHANGE = ('epochs', 'device', 'data_dir', 'out_dir', 'resume')  # all other flags must match
+
+
+def command(args):
+    """The command line that resumes this run: train.py with every flag not at its default."""
+    p = make_parser()
+    flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+             if k != 'resume' and v != p.get_default(k)]
+    return ' '.join(['python train.py'] + flags + ['--resume'])
+
+
+def rng_states(gen):
+    return {'torch': torch.get_rng_state(), 'generator': gen.get_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states, gen):
+    torch.set_rng_state(states['torch'])
+    gen.set_state(states['generator'])
+    random.setstate(states['python'])
+    if states['cuda']:
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def load_last(args):
+    """The training state in <out-dir>/last.pt, checked to come from a run with the same flags."""
+    path = os.path.join(args.out_dir, 'last.pt')
+    if not os.path.isfile(path):
+        sys.exit(f'error: --resume: there is no {path} to resume from (run without --resume to start)')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle weights_only refuses
+        sys.exit(f'error: --resume: {path} is not a readable last.pt ({type(e).__name__})')
+    if not isinstance(state, dict) or state.get('format') != LAST_FORMAT:
+        sys.exit(f"error: --resume: {path} was not written by this project's train.py")
+    for k, v in state['args'].items():
+        if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
+            flag = '--' + k.replace('_', '-')
+            sys.exit(f'error: --resume: {path} was written with {flag} {v}, this run has {flag} '
+                     f'{getattr(args, k, None)}; resume with the same flags or use another --out-dir')
+    return state
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+# -----------------------------------------------------------------------------
 # training
 
 
+def prepare_out_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        sys.exit(f'error: --out-dir {path} is a file, not a directory')
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        sys.exit(f'error: cannot create --out-dir {path}: {e.strerror}')
+    if not os.access(path, os.W_OK | os.X_OK):
+        sys.exit(f'error: --out-dir {path} is not writable')
+
+
 def train(args):
-    torch.manual_seed(args.seed)
+    """Train, writing last.pt and metrics.csv every epoch and model.pt (the best epoch by
+    validation ELBO) at the end; Ctrl-C, SIGTERM or a kill leave last.pt for --resume."""
     device = pick_device(args.device)
+    state = load_last(args) if args.resume else None
     try:
         data = vae.load_mnist(args.data_dir)
     except vae.DataError as e:
         sys.exit(f'error: {e}')
-    os.makedirs(args.out_dir, exist_ok=True)
+    prepare_out_dir(args.out_dir)
+    torch.manual_seed(args.seed)
     model = vae.build(vars(args)).to(device)
     lik = model.lik
-    if args.kl_weight is None:
-        args.kl_weight = lik.default_kl_weight
+    kl_weight = lik.default_kl_weight if args.kl_weight is None else args.kl_weight
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x = vae.eval_data(lik, data['val'][0]).to(device)   # fixed binarisation/noise
     test_x = vae.eval_data(lik, data['test'][0])[:16].to(device)  # as the whole test set is fixed
     gen = torch.Generator(device).manual_seed(args.seed)    # shuffling and data noise
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    ckpt_path = os.path.join(args.out_dir, 'model.pt')
+    ckpt_path, last_path = os.path.join(args.out_dir, 'model.pt'), os.path.join(args.out_dir, 'last.pt')
     title = f'{args.dist}, latent dim {args.latent_dim}'
-    n, rows, best, best_epoch, best_state = train_x8.shape[0], [], -math.inf, None, None
+    n, rows, best, best_epoch, best_state, done = train_x8.shape[0], [], -math.inf, None, None, 0
     n_batches = math.ceil(n / args.batch_size)
+
+    def save_last():
+        atomic_save({'format': LAST_FORMAT, 'args': vars(args), 'epoch': done, 'state_dict': model.state_dict(),
+                     'optimizer': opt.state_dict(), 'rng': rng_states(gen), 'rows': rows, 'best': best,
+                     'best_epoch': best_epoch, 'best_state': best_state}, last_path)
+
+    if state is not None:
+        model.load_state_dict(state['state_dict'])
+        opt.load_state_dict(state['optimizer'])
+        set_rng_states(state['rng'], gen)
+        rows, best, best_epoch, best_state, done = (state[k] for k in ('rows', 'best', 'best_epoch', 'best_state', 'epoch'))
+        print(f'resuming {last_path} after epoch {done}', flush=True)
+    else:
+        if os.path.exists(last_path):
+            print(f'note: starting over in {args.out_dir}; its last.pt is replaced (--resume continues a run)')
+        save_last()
     print(f'training {args.dist} (latent dim {args.latent_dim}) on {n} images, {device}, '
           f'{sum(p.numel() for p in model.parameters()):,} parameters -> {args.out_dir}', flush=True)
 
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        model.train()
-        loss_sum = elbo_sum = 0.0
-        batches = torch.randperm(n, generator=gen, device=device).split(args.batch_size)
-        bar = tqdm(batches, desc=f'epoch {epoch}/{args.epochs}', leave=False, disable=None, mininterval=1)
-        for i, idx in enumerate(bar, 1):
-            x = lik.data(train_x8[idx], gen)                    # (B, 1, 28, 28) in [0, 1]
-            log_px, kl, h = vae.elbo_terms(model, x, args.samples)
-            loss = lik.loss(h, x, log_px, kl, args.kl_weight).mean()
-            if not torch.isfinite(loss):
-                kept = (f'best checkpoint (epoch {best_epoch}) kept in {ckpt_path}'
-                        if best_state is not None else 'no checkpoint was written')
-                if best_state is not None:
-                    model.load_state_dict(best_state)
-                    save_figures(model, test_x, args.out_dir, title)
-                sys.exit(f'error: non-finite training loss ({loss.item()}) at epoch {epoch}, '
-                         f'batch {i}/{n_batches}; {kept}')
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            elbo_sum += (log_px - kl).sum().item()
-            bar.set_postfix(loss=f'{loss.item():.2f}', refresh=False)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)   # SIGTERM stops like Ctrl-C
+    try:
+        for epoch in range(done + 1, args.epochs + 1):
+            t0 = time.time()
+            model.train()
+            loss_sum = elbo_sum = 0.0
+            batches = torch.randperm(n, generator=gen, device=device).split(args.batch_size)
+            bar = tqdm(batches, desc=f'epoch {epoch}/{args.epochs}', leave=False, disable=None, mininterval=1)
+            for i, idx in enumerate(bar, 1):
+                x = lik.data(train_x8[idx], gen)                    # (B, 1, 28, 28) in [0, 1]
+                log_px, kl, h = vae.elbo_terms(model, x, args.samples)
+                loss = lik.loss(h, x, log_px, kl, kl_weight).mean()
+                if not torch.isfinite(loss):
+                    sys.exit(f'error: non-finite training loss ({loss.item()}) at epoch {epoch}, batch {i}/{n_batches}; '
+                             f'{last_path} keeps epoch {done}' + (f' (best val ELBO {best:.2f} at epoch {best_epoch})'
+                                                                  if best_state is not None else '')
+                             + '; no model.pt was written')
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(idx)
+                elbo_sum += (log_px - kl).sum().item()
+                bar.set_postfix(loss=f'{loss.item():.2f}', refresh=False)
 
-        row = {'epoch': epoch, 'train_loss': loss_sum / n, 'train_elbo_nats': elbo_sum / n,
-               **evaluate(model, val_x)}
-        row['seconds'] = time.time() - t0
-        rows.append(row)
-        improved = row['val_elbo_nats'] > best
-        if improved:
-            best, best_epoch = row['val_elbo_nats'], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            atomic_save({'format': vae.CKPT_FORMAT, 'args': vars(args), 'state_dict': best_state,
-                         'epoch': epoch, 'val_elbo_nats': best, 'torch': str(torch.__version__)}, ckpt_path)
-        write_metrics([{k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-                      os.path.join(args.out_dir, 'metrics.csv'))
-        print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
-              f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
-              f"KL {row['val_kl_nats']:6.2f})  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
+            row = {'epoch': epoch, 'train_loss': loss_sum / n, 'train_elbo_nats': elbo_sum / n,
+                   **evaluate(model, val_x)}
+            row['seconds'] = time.time() - t0
+            rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
+            improved = row['val_elbo_nats'] > best
+            if improved:
+                best, best_epoch = row['val_elbo_nats'], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            done = epoch
+            write_metrics(rows, os.path.join(args.out_dir, 'metrics.csv'))
+            save_last()
+            print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
+                  f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
+                  f"KL {row['val_kl_nats']:6.2f})  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
 
-    if best_state is None:
-        sys.exit('error: the validation ELBO was never finite; no checkpoint was written')
-    model.load_state_dict(best_state)
-    save_figures(model, test_x, args.out_dir, title)
-    print(f'best val ELBO {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
-          f'reconstructions.png, samples.png')
+        if best_state is None:
+            sys.exit('error: the validation ELBO was never finite; no checkpoint was written')
+        model.load_state_dict(best_state)
+        save_figures(model, test_x, args.out_dir, title)
+        atomic_save({'format': vae.CKPT_FORMAT, 'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False},
+                     'state_dict': best_state, 'epoch': best_epoch, 'val_elbo_nats': best,
+                     'torch': str(torch.__version__)}, ckpt_path)
+        print(f'best val ELBO {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
+              f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
+    except KeyboardInterrupt:
+        print(f'\ninterrupted after epoch {done} of {args.epochs}; {last_path} keeps it. Resume with:\n'
+              f'  {command(args)}', file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

@@ -39,12 +39,20 @@ def load_mnist(root):
     val = its last 10,000, test = the official 10,000. Images (N, 1, 28, 28), labels (N,)."""
     from torchvision import datasets
     raw = os.path.join(root, 'MNIST', 'raw')
+    present = all(os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES)
     try:
         train = datasets.MNIST(root, train=True, download=True)
         test = datasets.MNIST(root, train=False, download=True)
     except Exception as e:  # offline download, unreadable files, ...
+        if present:
+            raise DataError(f'the MNIST files in {raw}/ could not be read ({type(e).__name__}): truncated or '
+                            f'damaged; replace them with the original files') from e
         raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
                         f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
+    for part, n in [(train, 60000), (test, 10000)]:   # torchvision reads a cut file without complaint
+        if part.data.shape != (n, 28, 28) or part.targets.shape != (n,) or not 0 <= part.targets.min() <= part.targets.max() <= 9:
+            raise DataError(f'the MNIST files in {raw}/ are damaged: expected {n} images of 28 x 28 with labels 0-9, '
+                            f'got images {tuple(part.data.shape)}; replace them with the original files')
     x, y = train.data.unsqueeze(1), train.targets  # (60000, 1, 28, 28) uint8
     return {'train': (x[:50000], y[:50000]), 'val': (x[50000:], y[50000:]),
             'test': (test.data.unsqueeze(1), test.targets)}
