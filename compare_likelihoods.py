@@ -252,8 +252,7 @@ def plot_results(rows, summary, path):
     bx.set_title('binarised test set\n(a different data set)', fontsize=10)
     bx.grid(axis='y', alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    train.save_png(fig, path)
 
 
 @torch.inference_mode()
@@ -290,8 +289,7 @@ def plot_rows(models, test_x8, out_dir):
         axes[0, 1].set_title('sample of p(x|z) (clipped to [0, 1])', fontsize=10)
         fig.suptitle('reconstructions at z = mu(x)' if recon else 'prior samples z ~ N(0, I)', fontsize=11)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=100)
-        plt.close(fig)
+        train.save_png(fig, os.path.join(out_dir, name))
 
 
 def print_tables(rows, bfs):

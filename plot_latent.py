@@ -172,12 +172,7 @@ def all_figure(panels, labels, n):
 
 
 def save(fig, path):
-    """Write a PNG atomically: a temporary file in the same directory, renamed into place."""
-    import matplotlib.pyplot as plt
-    tmp = path + '.tmp'
-    fig.savefig(tmp, format='png', dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
+    train.save_png(fig, path)
     print(f'wrote {path}')
 
 

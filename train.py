@@ -103,6 +103,15 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def save_png(fig, path, **kw):
+    """fig.savefig to a temporary file in the same directory, then rename into place; close fig."""
+    import matplotlib.pyplot as plt
+    tmp = path + '.tmp'
+    fig.savefig(tmp, format='png', dpi=100, **kw)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def write_metrics(rows, path):
     tmp = path + '.tmp'
     with open(tmp, 'w', newline='') as f:
@@ -156,8 +165,7 @@ def save_figures(model, test_x, out_dir, title):
         ax.set_title(name, fontsize=10)
         ax.axis('off')
     fig.suptitle(f'{title}: reconstructions at z = mu(x)')
-    fig.savefig(os.path.join(out_dir, 'reconstructions.png'), dpi=100, bbox_inches='tight')
-    plt.close(fig)
+    save_png(fig, os.path.join(out_dir, 'reconstructions.png'), bbox_inches='tight')
 
     z = torch.randn(64, model.latent_dim, generator=gen, device=test_x.device)
     h = model.decode(z)
@@ -167,8 +175,7 @@ def save_figures(model, test_x, out_dir, title):
         ax.set_title(name + ' (clipped to [0, 1])' * isinstance(lik, (vae.GaussianLik, vae.FixedGaussianLik)))
         ax.axis('off')
     fig.suptitle(f'{title}: 64 prior samples z ~ N(0, I)')
-    fig.savefig(os.path.join(out_dir, 'samples.png'), dpi=100, bbox_inches='tight')
-    plt.close(fig)
+    save_png(fig, os.path.join(out_dir, 'samples.png'), bbox_inches='tight')
 
 
 # -----------------------------------------------------------------------------
