@@ -214,7 +214,10 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     labels = labels[:args.n]
     outdir = os.path.dirname(args.all) if args.all else args.out
-    os.makedirs(outdir or '.', exist_ok=True)
+    try:
+        os.makedirs(outdir or '.', exist_ok=True)
+    except OSError as e:
+        sys.exit(f'error: cannot write into {outdir}: {e.strerror}')
 
     figures, panels = {}, []
     for model, ckpt in models:
@@ -247,7 +250,6 @@ def main(argv=None):
     for path, fig in figures.items():
         save(fig, path)
     return figures
-
 
 
 if __name__ == '__main__':
