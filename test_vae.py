@@ -733,11 +733,8 @@ esac
 """
 
 
-def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
-    """The Makefile's own logic, with a stand-in for python that creates what the scripts would:
-    make latent trains, then plots; a second make does nothing; and the model survives. With DISTS
-    not naming DIST, the model is reached only through pattern rules, and without .PRECIOUS make
-    deleted it afterwards as an intermediate file."""
+def makefile_sandbox(tmp_path):
+    """The Makefile and the files it depends on, an installed-looking .venv, and ./fakepy."""
     import shutil
     for f in ['Makefile', 'train.py', 'vae.py', 'plot_latent.py', 'compare_likelihoods.py', 'requirements.txt']:
         shutil.copy(os.path.join(HERE, f), tmp_path)
@@ -745,6 +742,13 @@ def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
     (tmp_path / '.venv' / '.installed').touch()
     (tmp_path / 'fakepy').write_text(FAKE_PYTHON)
     (tmp_path / 'fakepy').chmod(0o755)
+
+def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
+    """The Makefile's own logic, with a stand-in for python that creates what the scripts would:
+    make latent trains, then plots; a second make does nothing; and the model survives. With DISTS
+    not naming DIST, the model is reached only through pattern rules, and without .PRECIOUS make
+    deleted it afterwards as an intermediate file."""
+    makefile_sandbox(tmp_path)
     make = ['make', 'latent', 'DATA=d', 'DIST=beta', 'DISTS=bernoulli', 'PY=./fakepy']
     r = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -759,14 +763,8 @@ def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
 def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
     """A run with last.pt and no model.pt was interrupted: make passes --resume. A finished run
     whose model.pt is older than train.py is trained again from the start."""
-    import shutil
     import time
-    for f in ['Makefile', 'train.py', 'vae.py', 'plot_latent.py', 'compare_likelihoods.py', 'requirements.txt']:
-        shutil.copy(os.path.join(HERE, f), tmp_path)
-    (tmp_path / '.venv').mkdir()
-    (tmp_path / '.venv' / '.installed').touch()
-    (tmp_path / 'fakepy').write_text(FAKE_PYTHON)
-    (tmp_path / 'fakepy').chmod(0o755)
+    makefile_sandbox(tmp_path)
     run = tmp_path / 'runs' / 'compare' / 'beta-z32-s0'
     run.mkdir(parents=True)
     (run / 'last.pt').touch()
