@@ -49,8 +49,9 @@ def load_mnist(root):
                             f'damaged; replace them with the original files') from e
         raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
                         f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
-    for part, n in [(train, 60000), (test, 10000)]:   # torchvision reads a cut file without complaint
-        if part.data.shape != (n, 28, 28) or part.targets.shape != (n,) or not 0 <= part.targets.min() <= part.targets.max() <= 9:
+    for part, n in [(train, 60000), (test, 10000)]:   # files that parse but hold the wrong data
+        labels = part.targets
+        if part.data.shape != (n, 28, 28) or labels.shape != (n,) or labels.min() < 0 or labels.max() > 9:
             raise DataError(f'the MNIST files in {raw}/ are damaged: expected {n} images of 28 x 28 with labels 0-9, '
                             f'got images {tuple(part.data.shape)}; replace them with the original files')
     x, y = train.data.unsqueeze(1), train.targets  # (60000, 1, 28, 28) uint8
