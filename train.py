@@ -212,9 +212,9 @@ def load_last(args):
     if not os.path.isfile(path):
         sys.exit(f'error: --resume: there is no {path} to resume from (run without --resume to start)')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or a pickle weights_only refuses
-        sys.exit(f'error: --resume: {path} is not a readable last.pt ({type(e).__name__})')
+        state = vae.read_torch_file(path)
+    except ValueError as e:
+        sys.exit(f'error: --resume: {e}')
     if not isinstance(state, dict) or state.get('format') != LAST_FORMAT:
         sys.exit(f"error: --resume: {path} was not written by this project's train.py")
     for k, v in state['args'].items():

@@ -397,20 +397,25 @@ def build(args):
     return VAE(lik, args['latent_dim'])
 
 
-def load_checkpoint(path, device='cpu'):
-    """A model.pt written by train.py -> (model in eval mode, checkpoint dict). Anything else
-    (a missing file, a truncated or non-PyTorch file, a pickle that weights_only=True refuses,
-    another project's checkpoint) raises ValueError with one line saying which."""
+def read_torch_file(path, device='cpu'):
+    """torch.load(weights_only=True), with any failure as a ValueError of one line saying which:
+    a missing file, a truncated or non-PyTorch file, or a pickle weights_only=True refuses."""
     if not os.path.isfile(path):
         raise ValueError(f'{path}: no such checkpoint file')
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
         if 'Unsupported global' in str(e):   # a pickle of arbitrary Python objects
             raise ValueError(f'{path} holds Python objects that torch.load(weights_only=True) refuses '
                              f'to unpickle: not a checkpoint of this project') from None
         raise ValueError(f'{path} is not a readable PyTorch file (truncated or not a checkpoint: '
                          f'{type(e).__name__})') from None
+
+
+def load_checkpoint(path, device='cpu'):
+    """A model.pt written by train.py -> (model in eval mode, checkpoint dict); anything else
+    (see read_torch_file, or another project's checkpoint) raises ValueError."""
+    ckpt = read_torch_file(path, device)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
     model = build(ckpt['args'])
