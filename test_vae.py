@@ -434,7 +434,10 @@ def test_a_run_killed_mid_epoch_and_resumed_matches_the_uninterrupted_run(refere
     import signal
     import time
     out = tmp_path / 'run'
-    p = subprocess.Popen(train_cmd(out, mnist_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C delivers it: a background job of a non-interactive shell (as
+    # CI may run us) inherits SIGINT ignored, and the child would never see it
+    p = subprocess.Popen(train_cmd(out, mnist_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not ((out / 'metrics.csv').exists() and len(metric_values(out)) >= 1):   # epoch 1 done ...
         assert p.poll() is None and time.time() < deadline
