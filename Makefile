@@ -5,6 +5,7 @@
 #                                      QUICK=1 for a first look, SEEDS="0 1 2" for several)
 #   make latent DATA=path/to/mnist    (a 2-D latent model of DIST, seed 0, and its two figures)
 #   make latent-all DATA=...          (the same for every likelihood, and results/latent_all.png)
+#   make bench DATA=path/to/mnist     (training and evaluation speed: results/bench.csv; make -B bench re-measures)
 # DATA is the directory holding MNIST/raw/ (downloaded there if missing and online).
 # The first target that needs Python creates .venv from requirements.txt.
 
@@ -41,7 +42,7 @@ RESULTS ?= results
 endif
 COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
 
-.PHONY: train test compare latent latent-all
+.PHONY: train test compare latent latent-all bench
 
 train: $(RUN)/model.pt
 
@@ -66,6 +67,12 @@ results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.p
 
 results/latent_all.png: plot_latent.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $(filter %.pt,$^) --data-dir $(DATA) --all $@
+
+# make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.
+bench: results/bench.csv
+
+results/bench.csv: bench.py train.py vae.py compare_likelihoods.py | $(VENV)/.installed
+	$(PY) bench.py --data-dir $(DATA) --out $@
 
 test: | $(VENV)/.installed
 	MNIST_DATA=$(DATA) $(PY) -m pytest -q test_vae.py

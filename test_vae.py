@@ -778,3 +778,35 @@ def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
     assert subprocess.run(make, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
     calls = (tmp_path / 'calls.txt').read_text().splitlines()
     assert len(calls) == 2 and calls[0].endswith('--resume') and '--resume' not in calls[1]
+
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+def test_reference_loop_reads_the_same_images(mnist_dir):
+    import bench
+    data = vae.load_mnist(mnist_dir)
+    x, y = next(iter(bench.reference_loader(mnist_dir, False)))     # the test set, in order
+    assert x.dtype == torch.float32 and x.shape == (256, 1, 28, 28)
+    assert torch.equal(bench.to_8bit(x), data['test'][0][:256]) and torch.equal(y, data['test'][1][:256])
+    ds = bench.reference_loader(mnist_dir, True, n=50000).dataset
+    assert len(ds) == 50000
+    for i in (0, 31337, 49999):
+        assert torch.equal(bench.to_8bit(ds[i][0]), data['train'][0][i])
+
+
+def test_bench_tiny_run_writes_consistent_rows(mnist_dir, tmp_path):
+    import bench
+    out = tmp_path / 'bench.csv'
+    bench.main(['--dists', 'bernoulli', '--data-dir', mnist_dir, '--subset', '512', '--steps', '2',
+                '--repeats', '1', '--eval-n', '3', '--k', '5', '--device', 'cpu', '--out', str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert [(r['dist'], r['loop']) for r in rows] == [('bernoulli', 'train.py'), ('bernoulli', 'reference')]
+    for r in rows:
+        f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s')}
+        assert all(v > 0 for v in f.values())
+        assert f['epoch_img_s'] == pytest.approx(512 / f['epoch_seconds'], rel=0.01)
+        assert f['ratio'] == pytest.approx(f['epoch_img_s'] / f['ceiling_img_s'], rel=0.01)
+        assert r['eval_k'] == '5' and r['eval_n'] == '3' and r['torch'] == torch.__version__
+        assert r['device'].startswith('cpu') and int(r['threads']) >= 1 and int(r['peak_rss_mb']) > 100

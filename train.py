@@ -233,6 +233,46 @@ def raise_interrupt(signum, frame):
 # training
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss is NaN or inf (args[0]); the optimiser step was not taken."""
+    batch = '?'
+
+
+def train_step(model, opt, x, kl_weight, samples=1):
+    """One optimiser step on the batch x (B, 1, 28, 28): forward, the training loss (negative
+    ELBO, KL weighted), backward, Adam. Returns the mean loss and the per-image ELBO (B,)."""
+    log_px, kl, h = vae.elbo_terms(model, x, samples)
+    loss = model.lik.loss(h, x, log_px, kl, kl_weight).mean()
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(loss.item())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), (log_px - kl).detach()
+
+
+def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None):
+    """One pass over the uint8 images train_x8 (N, 1, 28, 28), already on the device, in an
+    order drawn from gen; each batch is indexed out and turned into the likelihood's data
+    (binarised, dequantised, ...) on the fly. Returns the mean loss and ELBO per image."""
+    model.train()
+    n = train_x8.shape[0]
+    loss_sum = elbo_sum = 0.0
+    batches = torch.randperm(n, generator=gen, device=train_x8.device).split(batch_size)
+    bar = tqdm(batches, desc=desc, leave=False, disable=None, mininterval=1)
+    for i, idx in enumerate(bar, 1):
+        x = model.lik.data(train_x8[idx], gen)                    # (B, 1, 28, 28) in [0, 1]
+        try:
+            loss, elbo = train_step(model, opt, x, kl_weight, samples)
+        except NonFiniteLoss as e:
+            e.batch = f'{i}/{len(batches)}'
+            raise
+        loss_sum += loss.item() * len(idx)
+        elbo_sum += elbo.sum().item()
+        bar.set_postfix(loss=f'{loss.item():.2f}', refresh=False)
+    return loss_sum / n, elbo_sum / n
+
+
 def prepare_out_dir(path):
     if os.path.exists(path) and not os.path.isdir(path):
         sys.exit(f'error: --out-dir {path} is a file, not a directory')
@@ -266,7 +306,6 @@ def train(args):
     ckpt_path, last_path = os.path.join(args.out_dir, 'model.pt'), os.path.join(args.out_dir, 'last.pt')
     title = f'{args.dist}, latent dim {args.latent_dim}'
     n, rows, best, best_epoch, best_state, done = train_x8.shape[0], [], -math.inf, None, None, 0
-    n_batches = math.ceil(n / args.batch_size)
 
     def save_last():
         atomic_save({'format': LAST_FORMAT, 'args': vars(args), 'epoch': done, 'state_dict': model.state_dict(),
@@ -290,27 +329,15 @@ def train(args):
     try:
         for epoch in range(done + 1, args.epochs + 1):
             t0 = time.time()
-            model.train()
-            loss_sum = elbo_sum = 0.0
-            batches = torch.randperm(n, generator=gen, device=device).split(args.batch_size)
-            bar = tqdm(batches, desc=f'epoch {epoch}/{args.epochs}', leave=False, disable=None, mininterval=1)
-            for i, idx in enumerate(bar, 1):
-                x = lik.data(train_x8[idx], gen)                    # (B, 1, 28, 28) in [0, 1]
-                log_px, kl, h = vae.elbo_terms(model, x, args.samples)
-                loss = lik.loss(h, x, log_px, kl, kl_weight).mean()
-                if not torch.isfinite(loss):
-                    sys.exit(f'error: non-finite training loss ({loss.item()}) at epoch {epoch}, batch {i}/{n_batches}; '
-                             f'{last_path} keeps epoch {done}' + (f' (best val ELBO {best:.2f} at epoch {best_epoch})'
-                                                                  if best_state is not None else '')
-                             + '; no model.pt was written')
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(idx)
-                elbo_sum += (log_px - kl).sum().item()
-                bar.set_postfix(loss=f'{loss.item():.2f}', refresh=False)
-
-            row = {'epoch': epoch, 'train_loss': loss_sum / n, 'train_elbo_nats': elbo_sum / n,
+            try:
+                train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight,
+                                                     args.samples, desc=f'epoch {epoch}/{args.epochs}')
+            except NonFiniteLoss as e:
+                sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
+                         f'{last_path} keeps epoch {done}' + (f' (best val ELBO {best:.2f} at epoch {best_epoch})'
+                                                              if best_state is not None else '')
+                         + '; no model.pt was written')
+            row = {'epoch': epoch, 'train_loss': train_loss, 'train_elbo_nats': train_elbo,
                    **evaluate(model, val_x)}
             row['seconds'] = time.time() - t0
             rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})

@@ -1,0 +1,208 @@
+"""Benchmark: how close training and evaluation come to what this machine allows.
+
+    python bench.py --data-dir ../shared/mnist            (make bench DATA=../shared/mnist)
+
+For each likelihood (default bernoulli and categorical with 256 bins) at the default
+architecture and batch size, on --device, each in a fresh process (so its peak memory is
+its own), for two training loops:
+- "train.py": train.py's own train_epoch: all training images as one uint8 tensor on the
+  device, batches indexed out of it and binarised/dequantised on the fly;
+- "reference": the loop most tutorials write: a DataLoader over the torchvision dataset
+  with transforms.ToTensor(), batch 256, shuffled, in the main process.
+it measures
+1. ceiling: images/s of train.py's train_step (forward, backward, Adam step) repeated on
+   one batch already in memory: the best of --repeats runs of --steps steps;
+2. epoch: images/s over one full epoch of the loop on the 50,000 training images (data
+   pipeline, binarisation or dequantisation, logging; validation excluded);
+3. ratio = epoch / ceiling;
+4. eval: images x k per second of the importance-sampled log p(x) of compare_likelihoods.py
+   (k = --k draws per image, on the first --eval-n test images, fed the same way as 2.);
+5. peak resident memory of the process (and peak CUDA memory on a GPU).
+Prints a table and writes --out (default results/bench.csv) with the device, torch version
+and thread count. Timings are wall-clock: run it on an otherwise idle machine.
+"""
+import argparse
+import concurrent.futures
+import csv
+import multiprocessing
+import os
+import platform
+import resource
+import time
+
+import torch
+
+import compare_likelihoods as compare
+import train
+import vae
+
+COLUMNS = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s',
+           'eval_k', 'eval_n', 'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch']
+TABLE = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s', 'peak_rss_mb']
+LOOPS = ('train.py', 'reference')
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def seconds(fn, device):
+    """Wall-clock seconds of fn(), with the device's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def reference_loader(root, train_split, batch_size=256, n=50000):
+    """What tutorials do: the torchvision dataset, ToTensor() per image, a shuffled DataLoader.
+    The same n training images / the test images as vae.load_mnist."""
+    from torchvision import datasets, transforms
+    ds = datasets.MNIST(root, train=train_split, download=True, transform=transforms.ToTensor())
+    if train_split:
+        ds = torch.utils.data.Subset(ds, range(n))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train_split)
+
+
+def to_8bit(x):
+    """ToTensor's floats in [0, 1] back to the uint8 levels every likelihood's data() takes."""
+    return (x * 255).round().to(torch.uint8)
+
+
+def reference_epoch(model, opt, loader, kl_weight, gen, device):
+    """The tutorial-style training epoch, with the same step and logging as train_epoch."""
+    model.train()
+    for x, _ in loader:                                   # (B, 1, 28, 28) float, built image by image
+        x = model.lik.data(to_8bit(x).to(device), gen)
+        loss, elbo = train.train_step(model, opt, x, kl_weight)
+        loss.item(), elbo.sum().item()
+
+
+def reference_eval(model, loader, n, k):
+    """Importance-sampled log p(x) of the first n test images, batch by batch from the loader."""
+    done = 0
+    device = next(model.parameters()).device
+    for x, _ in loader:
+        x = vae.eval_data(model.lik, to_8bit(x[:n - done])).to(device)
+        compare.importance_log_px(model, x, k)
+        done += x.shape[0]
+        if done >= n:
+            return
+
+
+# -----------------------------------------------------------------------------
+# one likelihood, one loop, in its own process
+
+
+def measure(dist, loop, args):
+    """The five measurements for one likelihood and loop: a dict of COLUMNS."""
+    torch.manual_seed(0)
+    device = train.pick_device(args.device)
+    model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
+    lik, kl_weight = model.lik, model.lik.default_kl_weight
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator(device).manual_seed(0)
+    data = vae.load_mnist(args.data_dir)
+    train_x8 = data['train'][0][:args.subset].to(device)  # (N, 1, 28, 28) uint8
+    n = train_x8.shape[0]
+
+    x = lik.data(train_x8[:args.batch_size], gen)         # one batch, already in memory
+    step = lambda: [train.train_step(model, opt, x, kl_weight) for _ in range(args.steps)]  # noqa: E731
+    step()                                                # warm-up
+    ceiling = args.steps * args.batch_size / min(seconds(step, device) for _ in range(args.repeats))
+
+    if loop == 'train.py':
+        epoch = seconds(lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight), device)
+        test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
+        evals = seconds(lambda: compare.importance_log_px(model, test_x, args.k), device)
+    else:
+        del train_x8
+        loader = reference_loader(args.data_dir, True, args.batch_size, n)
+        epoch = seconds(lambda: reference_epoch(model, opt, loader, kl_weight, gen, device), device)
+        evals = seconds(lambda: reference_eval(model, reference_loader(args.data_dir, False), args.eval_n, args.k),
+                        device)
+    return {'dist': dist, 'loop': loop, 'ceiling_img_s': round(ceiling, 1), 'epoch_img_s': round(n / epoch, 1),
+            'ratio': round(n / epoch / ceiling, 3), 'epoch_seconds': round(epoch, 2),
+            'eval_img_k_s': round(args.eval_n * args.k / evals, 1), 'eval_k': args.k, 'eval_n': args.eval_n,
+            'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
+            'peak_cuda_mb': round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else '',
+            'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
+            f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
+            'threads': torch.get_num_threads(), 'torch': torch.__version__}
+
+
+def in_fresh_process(*a):
+    ctx = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        return ex.submit(measure, *a).result()
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dists', nargs='+', default=['bernoulli', 'categorical'], choices=list(vae.LIKELIHOODS))
+    p.add_argument('--loops', nargs='+', default=list(LOOPS), choices=LOOPS)
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
+    p.add_argument('--data-dir', default='data', help='holds MNIST/raw/')
+    p.add_argument('--batch-size', type=train.number(int, 1), default=256)
+    p.add_argument('--steps', type=train.number(int, 1), default=20, help='ceiling: steps per timed run')
+    p.add_argument('--repeats', type=train.number(int, 1), default=3, help='ceiling: timed runs (best kept)')
+    p.add_argument('--k', type=train.number(int, 1), default=100, help='eval: importance samples per image')
+    p.add_argument('--eval-n', type=train.number(int, 1, 10000), default=200, help='eval: test images')
+    p.add_argument('--subset', type=train.number(int, 1, 50000), default=50000,
+                   help='epoch: the first N training images (a quick check, not a benchmark)')
+    p.add_argument('--out', default='results/bench.csv')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train.pick_device(args.device)                        # a missing device fails here, once
+    try:
+        vae.load_mnist(args.data_dir)
+    except vae.DataError as e:
+        raise SystemExit(f'error: {e}')
+    rows = []
+    for dist in args.dists:
+        for loop in args.loops:
+            print(f'bench: {dist}, {loop} loop ...', flush=True)
+            rows.append(in_fresh_process(dist, loop, args))
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    tmp = args.out + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, args.out)
+
+    r = rows[0]
+    print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}; eval: k = {args.k} on {args.eval_n} images")
+    head = ['likelihood', 'loop', 'ceiling img/s', 'epoch img/s', 'ratio', 'epoch s', 'eval img*k/s', 'peak RSS MB']
+    for cells in [head, ['---'] * len(head)] + [[r[c] for c in TABLE] for r in rows]:   # a Markdown table
+        print('| ' + ' | '.join(str(c) for c in cells) + ' |')
+    rate = {(r['dist'], r['loop']): r['epoch_img_s'] for r in rows}
+    if ('bernoulli', 'train.py') in rate and ('categorical', 'train.py') in rate:
+        print(f"categorical / bernoulli training images/s: "
+              f"{rate['categorical', 'train.py'] / rate['bernoulli', 'train.py']:.2f}")
+    print(f'wrote {args.out}')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
