@@ -4,20 +4,22 @@
 
 For each likelihood (default bernoulli and categorical with 256 bins) at the default
 architecture and batch size, on --device, each in a fresh process (so its peak memory is
-its own), for two training loops:
+its own), and for two training loops:
 - "train.py": train.py's own train_epoch: all training images as one uint8 tensor on the
   device, batches indexed out of it and binarised/dequantised on the fly;
 - "reference": the loop most tutorials write: a DataLoader over the torchvision dataset
   with transforms.ToTensor(), batch 256, shuffled, in the main process.
 it measures
 1. ceiling: images/s of train.py's train_step (forward, backward, Adam step) repeated on
-   one batch already in memory: the best of --repeats runs of --steps steps;
+   one batch already in memory: the median of runs of --steps steps (--repeats runs before
+   the epochs and after each);
 2. epoch: images/s over one full epoch of the loop on the 50,000 training images (data
    pipeline, binarisation or dequantisation, logging; validation excluded);
 3. ratio = epoch / ceiling;
 4. eval: images x k per second of the importance-sampled log p(x) of compare_likelihoods.py
-   (k = --k draws per image, on the first --eval-n test images, fed the same way as 2.);
-5. peak resident memory of the process (and peak CUDA memory on a GPU).
+   (k = --k draws per image, on the first --eval-n test images, fed the way the loop feeds
+   its training images; the mean of two runs);
+5. peak resident memory of the likelihood's process (and peak CUDA memory on a GPU).
 Prints a table and writes --out (default results/bench.csv) with the device, torch version
 and thread count. Timings are wall-clock: run it on an otherwise idle machine.
 """
@@ -28,6 +30,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import statistics
 import time
 
 import torch
@@ -107,8 +110,12 @@ def reference_eval(model, loader, n, k):
 # one likelihood, one loop, in its own process
 
 
-def measure(dist, loop, args):
-    """The five measurements for one likelihood and loop: a dict of COLUMNS."""
+def measure(dist, args):
+    """The five measurements for one likelihood: a row of COLUMNS per loop in args.loops.
+    Both loops run in this one process (peak memory is the process's). On a shared machine
+    speed drifts by 10 % or more from minute to minute, so the ceiling is timed in blocks
+    before, between and after the epochs and the median of all is kept, and the evaluations
+    of the two loops alternate (the mean of two each)."""
     torch.manual_seed(0)
     device = train.pick_device(args.device)
     model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
@@ -118,30 +125,36 @@ def measure(dist, loop, args):
     data = vae.load_mnist(args.data_dir)
     train_x8 = data['train'][0][:args.subset].to(device)  # (N, 1, 28, 28) uint8
     n = train_x8.shape[0]
+    test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
+    loader, test_loader = (reference_loader(args.data_dir, True, args.batch_size, n),
+                           reference_loader(args.data_dir, False))
+    epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight),
+             'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device)}
+    evaluate = {'train.py': lambda: compare.importance_log_px(model, test_x, args.k),
+                'reference': lambda: reference_eval(model, test_loader, args.eval_n, args.k)}
 
     x = lik.data(train_x8[:args.batch_size], gen)         # one batch, already in memory
     step = lambda: [train.train_step(model, opt, x, kl_weight) for _ in range(args.steps)]  # noqa: E731
     step()                                                # warm-up
-    ceiling = args.steps * args.batch_size / min(seconds(step, device) for _ in range(args.repeats))
-
-    if loop == 'train.py':
-        epoch = seconds(lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight), device)
-        test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
-        evals = seconds(lambda: compare.importance_log_px(model, test_x, args.k), device)
-    else:
-        del train_x8
-        loader = reference_loader(args.data_dir, True, args.batch_size, n)
-        epoch = seconds(lambda: reference_epoch(model, opt, loader, kl_weight, gen, device), device)
-        evals = seconds(lambda: reference_eval(model, reference_loader(args.data_dir, False), args.eval_n, args.k),
-                        device)
-    return {'dist': dist, 'loop': loop, 'ceiling_img_s': round(ceiling, 1), 'epoch_img_s': round(n / epoch, 1),
-            'ratio': round(n / epoch / ceiling, 3), 'epoch_seconds': round(epoch, 2),
-            'eval_img_k_s': round(args.eval_n * args.k / evals, 1), 'eval_k': args.k, 'eval_n': args.eval_n,
-            'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
-            'peak_cuda_mb': round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else '',
-            'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
-            f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
-            'threads': torch.get_num_threads(), 'torch': torch.__version__}
+    ceiling_s = [seconds(step, device) for _ in range(args.repeats)]
+    epoch_s, eval_s = {}, {loop: [] for loop in args.loops}
+    for loop in args.loops:
+        print(f'bench: {dist}, one epoch of the {loop} loop ...', flush=True)
+        epoch_s[loop] = seconds(epoch[loop], device)
+        ceiling_s += [seconds(step, device) for _ in range(args.repeats)]
+    for _ in range(2):
+        for loop in args.loops:
+            eval_s[loop].append(seconds(evaluate[loop], device))
+    ceiling = args.steps * args.batch_size / statistics.median(ceiling_s)
+    common = {'dist': dist, 'ceiling_img_s': round(ceiling, 1), 'eval_k': args.k, 'eval_n': args.eval_n,
+              'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
+              'peak_cuda_mb': round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else '',
+              'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
+              f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
+              'threads': torch.get_num_threads(), 'torch': torch.__version__}
+    return [{**common, 'loop': loop, 'epoch_img_s': round(n / epoch_s[loop], 1),
+             'ratio': round(n / epoch_s[loop] / ceiling, 3), 'epoch_seconds': round(epoch_s[loop], 2),
+             'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
 
 
 def in_fresh_process(*a):
@@ -161,10 +174,11 @@ def parse_args(argv=None):
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/')
     p.add_argument('--batch-size', type=train.number(int, 1), default=256)
-    p.add_argument('--steps', type=train.number(int, 1), default=20, help='ceiling: steps per timed run')
-    p.add_argument('--repeats', type=train.number(int, 1), default=3, help='ceiling: timed runs (best kept)')
+    p.add_argument('--steps', type=train.number(int, 1), default=30, help='ceiling: steps per timed run')
+    p.add_argument('--repeats', type=train.number(int, 1), default=2,
+                   help='ceiling: timed runs before the epochs and after each (the median of all is kept)')
     p.add_argument('--k', type=train.number(int, 1), default=100, help='eval: importance samples per image')
-    p.add_argument('--eval-n', type=train.number(int, 1, 10000), default=200, help='eval: test images')
+    p.add_argument('--eval-n', type=train.number(int, 1, 10000), default=500, help='eval: test images')
     p.add_argument('--subset', type=train.number(int, 1, 50000), default=50000,
                    help='epoch: the first N training images (a quick check, not a benchmark)')
     p.add_argument('--out', default='results/bench.csv')
@@ -180,9 +194,8 @@ def main(argv=None):
         raise SystemExit(f'error: {e}')
     rows = []
     for dist in args.dists:
-        for loop in args.loops:
-            print(f'bench: {dist}, {loop} loop ...', flush=True)
-            rows.append(in_fresh_process(dist, loop, args))
+        print(f'bench: {dist}: the ceiling, then one epoch of each loop, then the evaluations ...', flush=True)
+        rows += in_fresh_process(dist, args)
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     tmp = args.out + '.tmp'
     with open(tmp, 'w', newline='') as f:

@@ -46,13 +46,14 @@ COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds'
            'cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats', 'eval_seconds', 'torch', 'git_commit', 'device']
 SUMMARY = ['test_elbo_nats', 'iwae_nats', 'nll_8bit_nats', 'bits_per_dim', 'active_units']
 CURVE = (1, 10, 100, 1000)
+CHUNK = 256   # decoder passes per call: on the CPU, small enough for the cache (1.4x faster than 2000, README)
 
 # -----------------------------------------------------------------------------
 # estimators
 
 
 @torch.inference_mode()
-def log_weights(model, x, k, generator=None, chunk=2000):
+def log_weights(model, x, k, generator=None, chunk=CHUNK):
     """Importance weights log p(x, z_i) - log q(z_i|x) for k draws z_i ~ q(z|x): (k, B); also
     the k-sample mean of log p(x|z) (B,), the closed-form KL (B,) and the posterior means."""
     mu, logvar = model.encode(x)                          # (B, D)
@@ -77,7 +78,7 @@ def iwae(lw, k):
 def importance_log_px(model, x, k, generator=None):
     """log p(x) by importance sampling (IWAE, k draws) for every image of x, in batches: (n,);
     also the k-sample mean of log p(x|z), the closed-form KL (n,) and the posterior means (n, D)."""
-    batches = x.split(max(1, 2000 // min(k, 2000)))
+    batches = x.split(max(1, CHUNK // min(k, CHUNK)))
     out = [log_weights(model, xb, k, generator) for xb in tqdm(batches, 'log p(x)', leave=False, disable=None)]
     lw, log_px, kl, mu = zip(*out)                        # lw: (k, b) per batch
     return iwae(torch.cat(lw, 1), k), torch.cat(log_px), torch.cat(kl), torch.cat(mu)
@@ -136,7 +137,7 @@ def evaluate_run(run_dir, test_x8, args, device):
     n = logp.shape[0]
     curve_x = x[:args.n_curve]
     curve_lw = torch.cat([log_weights(model, xb, max(CURVE), gen)[0]
-                          for xb in curve_x.split(max(1, 2000 // max(CURVE)))], 1)
+                          for xb in curve_x.split(max(1, CHUNK // max(CURVE)))], 1)
     row = {'dist': a['dist'] + (f"-K{a['bins']}" if a['dist'] == 'categorical' and a['bins'] != 256 else ''),
            'seed': a['seed'], 'latent_dim': a['latent_dim'],
            'epochs': a['epochs'], 'best_epoch': ckpt['epoch'], 'train_seconds': read_train_seconds(run_dir),

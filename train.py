@@ -122,7 +122,7 @@ def write_metrics(rows, path):
 
 
 @torch.inference_mode()
-def evaluate(model, x, batch_size=1000):
+def evaluate(model, x, batch_size=250):
     """Mean ELBO, E_q[log p(x|z)] and KL over the images x, in nats per image, with one
     z per image drawn from a fixed-seed generator (the same numbers for the same weights)."""
     model.eval()
