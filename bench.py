@@ -15,7 +15,8 @@ it measures
    the epochs and after each);
 2. epoch: images/s over one full epoch of the loop on the 50,000 training images (data
    pipeline, binarisation or dequantisation, logging; validation excluded);
-3. ratio = epoch / ceiling;
+3. ratio = epoch / ceiling; and, as a check that needs no second timing, data s: the
+   seconds one epoch of the loop's data pipeline takes alone (no model);
 4. eval: images x k per second of the importance-sampled log p(x) of compare_likelihoods.py
    (k = --k draws per image, on the first --eval-n test images, fed the way the loop feeds
    its training images; the mean of two runs);
@@ -39,9 +40,10 @@ import compare_likelihoods as compare
 import train
 import vae
 
-COLUMNS = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s',
+COLUMNS = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
            'eval_k', 'eval_n', 'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch']
-TABLE = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s', 'peak_rss_mb']
+TABLE = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
+         'peak_rss_mb']
 LOOPS = ('train.py', 'reference')
 
 # -----------------------------------------------------------------------------
@@ -85,11 +87,17 @@ def to_8bit(x):
     return (x * 255).round().to(torch.uint8)
 
 
+def reference_batches(lik, loader, gen, device):
+    """The tutorial-style data pipeline: batches built image by image by the DataLoader,
+    turned into the likelihood's data."""
+    for x, _ in loader:                                   # (B, 1, 28, 28) float in [0, 1]
+        yield lik.data(to_8bit(x).to(device), gen)
+
+
 def reference_epoch(model, opt, loader, kl_weight, gen, device):
     """The tutorial-style training epoch, with the same step and logging as train_epoch."""
     model.train()
-    for x, _ in loader:                                   # (B, 1, 28, 28) float, built image by image
-        x = model.lik.data(to_8bit(x).to(device), gen)
+    for x in reference_batches(model.lik, loader, gen, device):
         loss, elbo = train.train_step(model, opt, x, kl_weight)
         loss.item(), elbo.sum().item()
 
@@ -130,6 +138,8 @@ def measure(dist, args):
                            reference_loader(args.data_dir, False))
     epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight),
              'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device)}
+    pipeline = {'train.py': lambda: sum(1 for _ in train.batches(lik, train_x8, gen, args.batch_size)),
+                'reference': lambda: sum(1 for _ in reference_batches(lik, loader, gen, device))}
     evaluate = {'train.py': lambda: compare.importance_log_px(model, test_x, args.k),
                 'reference': lambda: reference_eval(model, test_loader, args.eval_n, args.k)}
 
@@ -137,10 +147,11 @@ def measure(dist, args):
     step = lambda: [train.train_step(model, opt, x, kl_weight) for _ in range(args.steps)]  # noqa: E731
     step()                                                # warm-up
     ceiling_s = [seconds(step, device) for _ in range(args.repeats)]
-    epoch_s, eval_s = {}, {loop: [] for loop in args.loops}
+    epoch_s, data_s, eval_s = {}, {}, {loop: [] for loop in args.loops}
     for loop in args.loops:
         print(f'bench: {dist}, one epoch of the {loop} loop ...', flush=True)
         epoch_s[loop] = seconds(epoch[loop], device)
+        data_s[loop] = seconds(pipeline[loop], device)
         ceiling_s += [seconds(step, device) for _ in range(args.repeats)]
     for _ in range(2):
         for loop in args.loops:
@@ -154,6 +165,7 @@ def measure(dist, args):
               'threads': torch.get_num_threads(), 'torch': torch.__version__}
     return [{**common, 'loop': loop, 'epoch_img_s': round(n / epoch_s[loop], 1),
              'ratio': round(n / epoch_s[loop] / ceiling, 3), 'epoch_seconds': round(epoch_s[loop], 2),
+             'data_seconds': round(data_s[loop], 2),
              'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
 
 
@@ -206,7 +218,8 @@ def main(argv=None):
 
     r = rows[0]
     print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}; eval: k = {args.k} on {args.eval_n} images")
-    head = ['likelihood', 'loop', 'ceiling img/s', 'epoch img/s', 'ratio', 'epoch s', 'eval img*k/s', 'peak RSS MB']
+    head = ['likelihood', 'loop', 'ceiling img/s', 'epoch img/s', 'ratio', 'epoch s', 'data pipeline s',
+            'eval img*k/s', 'peak RSS MB']
     for cells in [head, ['---'] * len(head)] + [[r[c] for c in TABLE] for r in rows]:   # a Markdown table
         print('| ' + ' | '.join(str(c) for c in cells) + ' |')
     rate = {(r['dist'], r['loop']): r['epoch_img_s'] for r in rows}

@@ -251,23 +251,28 @@ def train_step(model, opt, x, kl_weight, samples=1):
     return loss.detach(), (log_px - kl).detach()
 
 
+def batches(lik, x8, gen, batch_size):
+    """The uint8 images x8 (N, 1, 28, 28), already on the device, in an order drawn from gen,
+    indexed out batch by batch and turned into the likelihood's data (binarised, dequantised,
+    ...) on the fly: (B, 1, 28, 28) floats in [0, 1]."""
+    for idx in torch.randperm(x8.shape[0], generator=gen, device=x8.device).split(batch_size):
+        yield lik.data(x8[idx], gen)
+
+
 def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None):
-    """One pass over the uint8 images train_x8 (N, 1, 28, 28), already on the device, in an
-    order drawn from gen; each batch is indexed out and turned into the likelihood's data
-    (binarised, dequantised, ...) on the fly. Returns the mean loss and ELBO per image."""
+    """One pass over the training images (see batches). Returns the mean loss and ELBO per image."""
     model.train()
-    n = train_x8.shape[0]
-    loss_sum = elbo_sum = 0.0
-    batches = torch.randperm(n, generator=gen, device=train_x8.device).split(batch_size)
-    bar = tqdm(batches, desc=desc, leave=False, disable=None, mininterval=1)
-    for i, idx in enumerate(bar, 1):
-        x = model.lik.data(train_x8[idx], gen)                    # (B, 1, 28, 28) in [0, 1]
+    n, loss_sum, elbo_sum = train_x8.shape[0], 0.0, 0.0
+    n_batches = math.ceil(n / batch_size)
+    bar = tqdm(batches(model.lik, train_x8, gen, batch_size), desc=desc, total=n_batches,
+               leave=False, disable=None, mininterval=1)
+    for i, x in enumerate(bar, 1):
         try:
             loss, elbo = train_step(model, opt, x, kl_weight, samples)
         except NonFiniteLoss as e:
-            e.batch = f'{i}/{len(batches)}'
+            e.batch = f'{i}/{n_batches}'
             raise
-        loss_sum += loss.item() * len(idx)
+        loss_sum += loss.item() * x.shape[0]
         elbo_sum += elbo.sum().item()
         bar.set_postfix(loss=f'{loss.item():.2f}', refresh=False)
     return loss_sum / n, elbo_sum / n
