@@ -41,7 +41,7 @@ import train
 import vae
 
 COLUMNS = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
-           'eval_k', 'eval_n', 'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch']
+           'eval_k', 'eval_n', 'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch', 'compile']
 TABLE = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
          'peak_rss_mb']
 LOOPS = ('train.py', 'reference')
@@ -128,6 +128,8 @@ def measure(dist, args):
     device = train.pick_device(args.device)
     model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
     lik, kl_weight = model.lik, model.lik.default_kl_weight
+    if args.compile:                                      # compiled on the warm-up steps, not timed
+        model.forward = torch.compile(model.forward)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator(device).manual_seed(0)
     data = vae.load_mnist(args.data_dir)
@@ -162,7 +164,7 @@ def measure(dist, args):
               'peak_cuda_mb': round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else '',
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
               f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
-              'threads': torch.get_num_threads(), 'torch': torch.__version__}
+              'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
     return [{**common, 'loop': loop, 'epoch_img_s': round(n / epoch_s[loop], 1),
              'ratio': round(n / epoch_s[loop] / ceiling, 3), 'epoch_seconds': round(epoch_s[loop], 2),
              'data_seconds': round(data_s[loop], 2),
@@ -191,6 +193,8 @@ def parse_args(argv=None):
                    help='ceiling: timed runs before the epochs and after each (the median of all is kept)')
     p.add_argument('--k', type=train.number(int, 1), default=100, help='eval: importance samples per image')
     p.add_argument('--eval-n', type=train.number(int, 1, 10000), default=500, help='eval: test images')
+    p.add_argument('--compile', action='store_true',
+                   help="torch.compile the model's forward for training (an experiment: slower on a 2-core CPU)")
     p.add_argument('--subset', type=train.number(int, 1, 50000), default=50000,
                    help='epoch: the first N training images (a quick check, not a benchmark)')
     p.add_argument('--out', default='results/bench.csv')
@@ -217,7 +221,8 @@ def main(argv=None):
     os.replace(tmp, args.out)
 
     r = rows[0]
-    print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}; eval: k = {args.k} on {args.eval_n} images")
+    print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}{', torch.compile' * args.compile}; "
+          f"eval: k = {args.k} on {args.eval_n} images")
     head = ['likelihood', 'loop', 'ceiling img/s', 'epoch img/s', 'ratio', 'epoch s', 'data pipeline s',
             'eval img*k/s', 'peak RSS MB']
     for cells in [head, ['---'] * len(head)] + [[r[c] for c in TABLE] for r in rows]:   # a Markdown table
