@@ -11,12 +11,15 @@ its own), and for two training loops:
   with transforms.ToTensor(), batch 256, shuffled, in the main process.
 it measures
 1. ceiling: images/s of train.py's train_step (forward, backward, Adam step) repeated on
-   one batch already in memory: the median of runs of --steps steps (--repeats runs before
-   the epochs and after each);
+   one batch already in memory, timed in runs of --steps steps before the first epoch and
+   after every epoch: the median of all runs;
 2. epoch: images/s over one full epoch of the loop on the 50,000 training images (data
-   pipeline, binarisation or dequantisation, logging; validation excluded);
-3. ratio = epoch / ceiling; and, as a check that needs no second timing, data s: the
-   seconds one epoch of the loop's data pipeline takes alone (no model);
+   pipeline, binarisation or dequantisation, logging; validation excluded): the median of
+   --epochs epochs, the two loops taking turns;
+3. ratio: each epoch's images/s over the mean ceiling of the runs just before and after it
+   (the speed of a shared machine drifts by 10 % or more from minute to minute; pairing
+   neighbours in time takes most of the drift out), the median over epochs; and, as a check that needs no second timing,
+   data s: the seconds one epoch of the loop's data pipeline takes alone (no model);
 4. eval: images x k per second of the importance-sampled log p(x) of compare_likelihoods.py
    (k = --k draws per image, on the first --eval-n test images, fed the way the loop feeds
    its training images; the mean of two runs);
@@ -120,16 +123,14 @@ def reference_eval(model, loader, n, k):
 
 def measure(dist, args):
     """The five measurements for one likelihood: a row of COLUMNS per loop in args.loops.
-    Both loops run in this one process (peak memory is the process's). On a shared machine
-    speed drifts by 10 % or more from minute to minute, so the ceiling is timed in blocks
-    before, between and after the epochs and the median of all is kept, and the evaluations
-    of the two loops alternate (the mean of two each)."""
+    Both loops run in this one process (peak memory is the process's); the evaluations of
+    the two loops alternate (the mean of two each)."""
     torch.manual_seed(0)
     device = train.pick_device(args.device)
     model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
     lik, kl_weight = model.lik, model.lik.default_kl_weight
     if args.compile:                                      # compiled on the warm-up steps, not timed
-        model.forward = torch.compile(model.forward)
+        model.forward = torch.compile(model.forward, dynamic=False)  # dynamic shapes fail on randn
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator(device).manual_seed(0)
     data = vae.load_mnist(args.data_dir)
@@ -146,15 +147,19 @@ def measure(dist, args):
                 'reference': lambda: reference_eval(model, test_loader, args.eval_n, args.k)}
 
     x = lik.data(train_x8[:args.batch_size], gen)         # one batch, already in memory
-    step = lambda: [train.train_step(model, opt, x, kl_weight) for _ in range(args.steps)]  # noqa: E731
-    step()                                                # warm-up
-    ceiling_s = [seconds(step, device) for _ in range(args.repeats)]
-    epoch_s, data_s, eval_s = {}, {}, {loop: [] for loop in args.loops}
+    step = lambda: seconds(lambda: [train.train_step(model, opt, x, kl_weight) for _ in range(args.steps)],  # noqa
+                           device)
+    step()                                                # warm-up (and compilation, with --compile)
+    ceiling_s, ratios = [step()], {loop: [] for loop in args.loops}
+    epoch_s, data_s, eval_s = ({loop: [] for loop in args.loops} for _ in range(3))
+    for i in range(args.epochs):                          # ceiling, epoch, ceiling, epoch, ..., ceiling
+        for loop in args.loops:
+            print(f'bench: {dist}, epoch {i + 1}/{args.epochs} of the {loop} loop ...', flush=True)
+            epoch_s[loop].append(seconds(epoch[loop], device))
+            ceiling_s.append(step())                      # each epoch against the ceiling either side
+            ratios[loop].append(n / epoch_s[loop][-1] / (args.steps * args.batch_size / statistics.mean(ceiling_s[-2:])))
     for loop in args.loops:
-        print(f'bench: {dist}, one epoch of the {loop} loop ...', flush=True)
-        epoch_s[loop] = seconds(epoch[loop], device)
-        data_s[loop] = seconds(pipeline[loop], device)
-        ceiling_s += [seconds(step, device) for _ in range(args.repeats)]
+        data_s[loop].append(seconds(pipeline[loop], device))
     for _ in range(2):
         for loop in args.loops:
             eval_s[loop].append(seconds(evaluate[loop], device))
@@ -165,9 +170,9 @@ def measure(dist, args):
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
               f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
-    return [{**common, 'loop': loop, 'epoch_img_s': round(n / epoch_s[loop], 1),
-             'ratio': round(n / epoch_s[loop] / ceiling, 3), 'epoch_seconds': round(epoch_s[loop], 2),
-             'data_seconds': round(data_s[loop], 2),
+    return [{**common, 'loop': loop, 'epoch_img_s': round(n / statistics.median(epoch_s[loop]), 1),
+             'ratio': round(statistics.median(ratios[loop]), 3), 'epoch_seconds': round(statistics.median(epoch_s[loop]), 2),
+             'data_seconds': round(data_s[loop][0], 2),
              'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
 
 
@@ -189,8 +194,7 @@ def parse_args(argv=None):
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/')
     p.add_argument('--batch-size', type=train.number(int, 1), default=256)
     p.add_argument('--steps', type=train.number(int, 1), default=30, help='ceiling: steps per timed run')
-    p.add_argument('--repeats', type=train.number(int, 1), default=2,
-                   help='ceiling: timed runs before the epochs and after each (the median of all is kept)')
+    p.add_argument('--epochs', type=train.number(int, 1), default=2, help='epochs of each loop (median kept)')
     p.add_argument('--k', type=train.number(int, 1), default=100, help='eval: importance samples per image')
     p.add_argument('--eval-n', type=train.number(int, 1, 10000), default=500, help='eval: test images')
     p.add_argument('--compile', action='store_true',

@@ -798,16 +798,19 @@ def test_reference_loop_reads_the_same_images(mnist_dir):
 
 def test_bench_tiny_run_writes_consistent_rows(mnist_dir, tmp_path):
     import bench
-    out = tmp_path / 'bench.csv'
-    bench.main(['--dists', 'bernoulli', '--data-dir', mnist_dir, '--subset', '512', '--steps', '2',
-                '--repeats', '1', '--eval-n', '3', '--k', '5', '--device', 'cpu', '--out', str(out)])
-    rows = list(csv.DictReader(open(out)))
+    tiny = ['--dists', 'bernoulli', '--data-dir', mnist_dir, '--subset', '512', '--steps', '2', '--eval-n', '3',
+            '--k', '5', '--device', 'cpu']
+    bench.main(tiny + ['--epochs', '2', '--out', str(tmp_path / 'both.csv')])
+    rows = list(csv.DictReader(open(tmp_path / 'both.csv')))
     assert [(r['dist'], r['loop']) for r in rows] == [('bernoulli', 'train.py'), ('bernoulli', 'reference')]
     for r in rows:
         f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds',
                                       'eval_img_k_s')}
         assert all(v > 0 for v in f.values()) and f['data_seconds'] < f['epoch_seconds']
         assert f['epoch_img_s'] == pytest.approx(512 / f['epoch_seconds'], rel=0.01)
-        assert f['ratio'] == pytest.approx(f['epoch_img_s'] / f['ceiling_img_s'], rel=0.01)
         assert r['eval_k'] == '5' and r['eval_n'] == '3' and r['torch'] == torch.__version__
         assert r['device'].startswith('cpu') and int(r['threads']) >= 1 and int(r['peak_rss_mb']) > 100
+    # one epoch between two ceiling runs: its paired ceiling is the median of all, so ratio = epoch / ceiling
+    bench.main(tiny + ['--epochs', '1', '--loops', 'train.py', '--out', str(tmp_path / 'one.csv')])
+    (r,) = csv.DictReader(open(tmp_path / 'one.csv'))
+    assert float(r['ratio']) == pytest.approx(float(r['epoch_img_s']) / float(r['ceiling_img_s']), rel=0.01)
