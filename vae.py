@@ -366,8 +366,8 @@ class VAE(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
                 nn.init.zeros_(m.bias)
-        # Convolutions in channels-last (NHWC) layout: with it, evaluation measured 1.5-2x faster
-        # on the CPU (README, Speed); the permute of h in decode becomes free.
+        # Convolutions in channels-last (NHWC) layout: with it and smaller evaluation chunks,
+        # evaluation measured 1.5-2.8x faster on the CPU (README, Speed); decode's permute is free.
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x):
