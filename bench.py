@@ -118,7 +118,7 @@ def reference_eval(model, loader, n, k):
 
 
 # -----------------------------------------------------------------------------
-# one likelihood, one loop, in its own process
+# one likelihood, in its own process
 
 
 def measure(dist, args):
