@@ -348,6 +348,21 @@ def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, mnist_dir,
     assert not (tmp_path / 'run').exists() and (tmp_path / 'a-file').read_text() == 'keep me'
 
 
+@pytest.mark.parametrize('dist', ALL)
+def test_log_prob_and_gradient_stay_finite_at_extreme_parameters(dist):
+    """The floors and clamps: decoder features far out (head outputs in the hundreds) on
+    black, white and random images give a finite log-likelihood and a finite gradient."""
+    lik = lik_of(dist)
+    x8 = torch.stack([torch.zeros(1, 28, 28, dtype=torch.uint8), torch.full((1, 28, 28), 255, dtype=torch.uint8),
+                      random_x8(1, 28, 28)])
+    x = lik.data(x8, torch.Generator().manual_seed(0))                 # (3, 1, 28, 28)
+    for scale in (1.0, 100.0, 1000.0):
+        h = (scale * torch.randn(1, 3, 28, 28, 16, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        lp = lik.log_prob(h, x)
+        lp.sum().backward()
+        assert torch.isfinite(lp).all() and torch.isfinite(h.grad).all(), (dist, scale)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch, mnist_dir):
     calls = {'n': 0}
     real = vae.Likelihood.loss
