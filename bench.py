@@ -172,7 +172,7 @@ def measure(dist, args):
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
     return [{**common, 'loop': loop, 'epoch_img_s': round(n / statistics.median(epoch_s[loop]), 1),
              'ratio': round(statistics.median(ratios[loop]), 3), 'epoch_seconds': round(statistics.median(epoch_s[loop]), 2),
-             'data_seconds': round(data_s[loop][0], 2),
+             'data_seconds': round(data_s[loop][0], 4),
              'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
 
 

@@ -819,9 +819,8 @@ def test_bench_tiny_run_writes_consistent_rows(mnist_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / 'both.csv')))
     assert [(r['dist'], r['loop']) for r in rows] == [('bernoulli', 'train.py'), ('bernoulli', 'reference')]
     for r in rows:
-        f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds',
-                                      'eval_img_k_s')}
-        assert all(v > 0 for v in f.values()) and f['data_seconds'] < f['epoch_seconds']
+        f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s')}
+        assert all(v > 0 for v in f.values()) and 0 <= float(r['data_seconds']) < f['epoch_seconds']
         assert f['epoch_img_s'] == pytest.approx(512 / f['epoch_seconds'], rel=0.01)
         assert r['eval_k'] == '5' and r['eval_n'] == '3' and r['torch'] == torch.__version__
         assert r['device'].startswith('cpu') and int(r['threads']) >= 1 and int(r['peak_rss_mb']) > 100
