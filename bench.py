@@ -171,8 +171,8 @@ def measure(dist, args):
               f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
     return [{**common, 'loop': loop, 'epoch_img_s': round(n / statistics.median(epoch_s[loop]), 1),
-             'ratio': round(statistics.median(ratios[loop]), 3), 'epoch_seconds': round(statistics.median(epoch_s[loop]), 2),
-             'data_seconds': round(data_s[loop][0], 4),
+             'ratio': round(statistics.median(ratios[loop]), 3),
+             'epoch_seconds': round(statistics.median(epoch_s[loop]), 4), 'data_seconds': round(data_s[loop][0], 4),
              'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
 
 
