@@ -29,7 +29,6 @@ and thread count. Timings are wall-clock: run it on an otherwise idle machine.
 """
 import argparse
 import concurrent.futures
-import csv
 import multiprocessing
 import os
 import platform
@@ -151,15 +150,14 @@ def measure(dist, args):
                            device)
     step()                                                # warm-up (and compilation, with --compile)
     ceiling_s, ratios = [step()], {loop: [] for loop in args.loops}
-    epoch_s, data_s, eval_s = ({loop: [] for loop in args.loops} for _ in range(3))
+    epoch_s, eval_s = ({loop: [] for loop in args.loops} for _ in range(2))
     for i in range(args.epochs):                          # ceiling, epoch, ceiling, epoch, ..., ceiling
         for loop in args.loops:
             print(f'bench: {dist}, epoch {i + 1}/{args.epochs} of the {loop} loop ...', flush=True)
             epoch_s[loop].append(seconds(epoch[loop], device))
             ceiling_s.append(step())                      # each epoch against the ceiling either side
-            ratios[loop].append(n / epoch_s[loop][-1] / (args.steps * args.batch_size / statistics.mean(ceiling_s[-2:])))
-    for loop in args.loops:
-        data_s[loop].append(seconds(pipeline[loop], device))
+            ratios[loop].append(statistics.mean(ceiling_s[-2:]) / epoch_s[loop][-1] * n / (args.steps * args.batch_size))
+    data_s = {loop: seconds(pipeline[loop], device) for loop in args.loops}
     for _ in range(2):
         for loop in args.loops:
             eval_s[loop].append(seconds(evaluate[loop], device))
@@ -172,7 +170,7 @@ def measure(dist, args):
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
     return [{**common, 'loop': loop, 'epoch_img_s': round(n / statistics.median(epoch_s[loop]), 1),
              'ratio': round(statistics.median(ratios[loop]), 3),
-             'epoch_seconds': round(statistics.median(epoch_s[loop]), 4), 'data_seconds': round(data_s[loop][0], 4),
+             'epoch_seconds': round(statistics.median(epoch_s[loop]), 4), 'data_seconds': round(data_s[loop], 4),
              'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
 
 
@@ -214,15 +212,10 @@ def main(argv=None):
         raise SystemExit(f'error: {e}')
     rows = []
     for dist in args.dists:
-        print(f'bench: {dist}: the ceiling, then one epoch of each loop, then the evaluations ...', flush=True)
+        print(f'bench: {dist}: the ceiling around {args.epochs} epoch(s) of each loop, then the evaluations ...', flush=True)
         rows += in_fresh_process(dist, args)
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    tmp = args.out + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, args.out)
+    compare.write_csv(rows, args.out, COLUMNS)                # atomic, as every CSV here
 
     r = rows[0]
     print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}{', torch.compile' * args.compile}; "
