@@ -62,10 +62,10 @@ latent: results/latent_$(DIST).png
 
 latent-all: results/latent_all.png $(foreach d,$(DISTS),results/latent_$(d).png)
 
-results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.py compare_likelihoods.py | $(VENV)/.installed
+results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.py vae.py | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $< --data-dir $(DATA) --out results
 
-results/latent_all.png: plot_latent.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
+results/latent_all.png: plot_latent.py vae.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $(filter %.pt,$^) --data-dir $(DATA) --all $@
 
 # make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.

@@ -110,7 +110,7 @@ def reference_eval(model, loader, n, k):
     device = next(model.parameters()).device
     for x, _ in loader:
         x = vae.eval_data(model.lik, to_8bit(x[:n - done])).to(device)
-        compare.importance_log_px(model, x, k)
+        vae.importance_log_px(model, x, k)
         done += x.shape[0]
         if done >= n:
             return
@@ -142,7 +142,7 @@ def measure(dist, args):
              'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device)}
     pipeline = {'train.py': lambda: sum(1 for _ in train.batches(lik, train_x8, gen, args.batch_size)),
                 'reference': lambda: sum(1 for _ in reference_batches(lik, loader, gen, device))}
-    evaluate = {'train.py': lambda: compare.importance_log_px(model, test_x, args.k),
+    evaluate = {'train.py': lambda: vae.importance_log_px(model, test_x, args.k),
                 'reference': lambda: reference_eval(model, test_loader, args.eval_n, args.k)}
 
     x = lik.data(train_x8[:args.batch_size], gen)         # one batch, already in memory

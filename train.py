@@ -172,7 +172,7 @@ def save_figures(model, test_x, out_dir, title):
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     for ax, (name, imgs) in zip(axes, [('decoder mean', lik.mean(h)), ('sample of p(x|z)', lik.sample(h))]):
         ax.imshow(grid(imgs, 8), cmap='gray', vmin=0, vmax=1)
-        ax.set_title(name + ' (clipped to [0, 1])' * isinstance(lik, (vae.GaussianLik, vae.FixedGaussianLik)))
+        ax.set_title(name + ' (clipped to [0, 1])' * lik.clipped)
         ax.axis('off')
     fig.suptitle(f'{title}: 64 prior samples z ~ N(0, I)')
     save_png(fig, os.path.join(out_dir, 'samples.png'), bbox_inches='tight')

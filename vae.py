@@ -11,16 +11,18 @@ Conventions, stated once for the whole project:
 - Losses are per example (summed over pixels and latent dims) and averaged over the
   batch for the optimiser. Reported numbers are nats per image.
 """
+import math
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import (Bernoulli, Beta, Categorical, ContinuousBernoulli,
-                                 Distribution, Independent, Normal, constraints)
+from torch.distributions import Bernoulli, Beta, Categorical, Distribution, Independent, Normal, constraints
 from torch.distributions.utils import broadcast_all
 
 N_PIXELS = 784
+LOG256 = math.log(256)
 EVAL_SEED = 1234  # fixed noise for validation/test binarisation and dequantisation
 CKPT_FORMAT = 'conv-vae-likelihoods/1'
 MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
@@ -66,6 +68,161 @@ def load_mnist(root):
 def positive(raw, floor):
     """Unconstrained -> (floor, inf): scales and concentrations never reach 0."""
     return F.softplus(raw) + floor
+
+
+def log_abs_expm1(t):
+    """log|exp(t) - 1| without overflow or cancellation (-inf at t = 0): for t > 0 it is
+    t + log(1 - exp(-t)), for t < 0 log(1 - exp(t))."""
+    return t.clamp(min=0) + torch.log(-torch.expm1(-t.abs()))
+
+
+class ContinuousBernoulli(Distribution):
+    """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) on [0, 1], parameterised by its
+    logit e: p(x) = C(e) sigmoid(e)^x sigmoid(-e)^(1-x), C(e) = e / tanh(e / 2), which is
+    e exp(e x) / (exp(e) - 1). Everything is computed from the logit, exact at any e.
+    torch.distributions.ContinuousBernoulli clamps the probability to [eps, 1 - eps] before
+    its normaliser, so in float32 its log-density saturates for |e| beyond about 16."""
+    arg_constraints = {'logits': constraints.real}
+    support = constraints.unit_interval
+    has_rsample = True
+    series = 0.1  # below this |e|, log C(e) and the mean use their Taylor series
+
+    def __init__(self, logits, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape, validate_args=validate_args)
+
+    def _split(self):
+        """e where |e| >= series (else a safe 1.0), e where |e| < series (else 0), and the mask."""
+        e = self.logits
+        small = e.abs() < self.series
+        return torch.where(small, torch.ones_like(e), e), torch.where(small, e, torch.zeros_like(e)), small
+
+    def log_normalizer(self):
+        """log C(e) = log|e| - log tanh(|e| / 2); log 2 + e^2/12 - 7 e^4/1440 + 31 e^6/90720 near 0."""
+        big, small_e, small = self._split()
+        exact = torch.log(big.abs()) - torch.log(torch.tanh(big.abs() / 2))
+        s2 = small_e * small_e
+        return torch.where(small, math.log(2) + s2 / 12 - 7 * s2 * s2 / 1440 + 31 * s2 ** 3 / 90720, exact)
+
+    def log_prob(self, value):
+        e = self.logits
+        return value * F.logsigmoid(e) + (1 - value) * F.logsigmoid(-e) + self.log_normalizer()
+
+    @property
+    def mean(self):
+        """1 / (1 - exp(-e)) - 1 / e, as 1/t - exp(-t) / (1 - exp(-t)) with t = |e|, mirrored
+        for e > 0 (no overflow); 1/2 + e/12 - e^3/720 + e^5/30240 near 0."""
+        big, small_e, small = self._split()
+        t = big.abs()
+        m = 1 / t - torch.exp(-t) / -torch.expm1(-t)
+        exact = torch.where(big < 0, m, 1 - m)
+        return torch.where(small, 0.5 + small_e / 12 - small_e ** 3 / 720 + small_e ** 5 / 30240, exact)
+
+    def cdf(self, value):
+        """(exp(e x) - 1) / (exp(e) - 1), as exp(log_interval(0, x)): exact in both tails."""
+        inside = value > 0
+        safe = torch.where(inside, value, torch.ones_like(value))
+        return torch.where(inside, self.log_interval(torch.zeros_like(safe), safe).exp(), torch.zeros_like(value))
+
+    def icdf(self, u):
+        """log(1 + u (exp(e) - 1)) / e; for e > 50 the same as 1 + log(u + (1 - u) exp(-e)) / e,
+        which cannot overflow; u at e = 0."""
+        e = self.logits
+        zero, big = e == 0, e > 50
+        mid = torch.where(zero | big, torch.ones_like(e), e)
+        top = torch.where(big, e, torch.full_like(e, 100.0))
+        direct = torch.log1p(u * torch.expm1(mid)) / mid
+        upper = 1 + torch.log(u + (1 - u) * torch.exp(-top)) / top
+        return torch.where(zero, u, torch.where(big, upper, direct))
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=self.logits.dtype, device=self.logits.device)
+        return self.icdf(u).clamp(0, 1)
+
+    def log_interval(self, lo, hi):
+        """log P(lo <= X < hi) = e lo + log|exp(e (hi - lo)) - 1| - log|exp(e) - 1|: a sum of
+        terms without cancellation; log(hi - lo) at e = 0."""
+        e = self.logits
+        safe = torch.where(e == 0, torch.ones_like(e), e)
+        exact = safe * lo + log_abs_expm1(safe * (hi - lo)) - log_abs_expm1(safe)
+        return torch.where(e == 0, torch.log(hi - lo), exact)
+
+
+def bin_edges(x8):
+    """8-bit values v (uint8) -> the edges of their bins [v/256, (v+1)/256), float64: the
+    bins of uniform dequantisation (v + u)/256, which hold the gray value v/255 as well."""
+    v = x8.double()
+    return v / 256, (v + 1) / 256
+
+
+def normal_log_interval(loc, scale, lo, hi):
+    """log P(lo <= X < hi) for X ~ Normal(loc, scale) (lo may be -inf, hi inf), from log
+    Phi on whichever side of the mean the interval lies, so upper tails keep their precision.
+    Use float64. An interval too narrow to resolve gets its density times its width."""
+    a, b = (lo - loc) / scale, (hi - loc) / scale
+    flip = a + b > 0      # above the mean: P = Phi(-a) - Phi(-b)
+    big = torch.special.log_ndtr(torch.where(flip, -a, b))
+    small = torch.special.log_ndtr(torch.where(flip, -b, a))
+    out = big + torch.log(-torch.expm1(small - big))
+    lost = ~(small < big)
+    if lost.any():
+        mid = (lo + hi) / 2
+        out[lost] = Normal(loc.expand_as(mid)[lost], scale.expand_as(mid)[lost]).log_prob(mid[lost]) \
+            + torch.log(hi - lo)[lost]
+    return out
+
+
+def log_betainc_series(a, b, x, terms=3000):
+    """log I_x(a, b) in log space, where I_x itself underflows (far lower tails):
+    a log x + b log(1 - x) - log a - log B(a, b) + log sum_n t_n, with t_0 = 1 and
+    t_(n+1) = t_n x (a + b + n) / (a + 1 + n) (the 2F1 series; positive terms). numpy float64."""
+    from scipy.special import betaln
+    total, t = np.ones_like(x), np.ones_like(x)
+    for n in range(terms):
+        t = t * x * (a + b + n) / (a + 1 + n)
+        total += t
+        if np.all(t < 1e-17 * total):
+            break
+    with np.errstate(divide='ignore'):
+        return a * np.log(x) + b * np.log1p(-x) - np.log(a) - betaln(a, b) + np.log(total)
+
+
+def betainc(a, b, x):
+    """scipy.special.betainc on numpy float64 arrays, split across the CPU's cores (scipy's
+    loops release the GIL; its one thread would otherwise make Beta the slowest to score)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from scipy.special import betainc as f
+    n = min(os.cpu_count() or 1, len(x) // 20000 + 1)
+    if n == 1:
+        return f(a, b, x)
+    parts = [np.array_split(v, n) for v in (a, b, x)]
+    with ThreadPoolExecutor(n) as ex:
+        return np.concatenate(list(ex.map(f, *parts)))
+
+
+def beta_log_interval(a, b, lo, hi):
+    """log P(lo <= X < hi) for X ~ Beta(a, b), from the regularised incomplete beta function
+    (scipy.special.betainc, float64; torch has none). Above the mean it uses the survival
+    function I_{1-x}(b, a) instead, so upper tails keep their precision; where the difference
+    underflows or cancels, log I comes from its series in log space (log_betainc_series)."""
+    dev = a.device
+    a, b, lo, hi = (t.detach().double().cpu() for t in torch.broadcast_tensors(a, b, lo, hi))
+    upper = lo > a / (a + b)
+    out = torch.empty_like(a)
+    for mask, (s, t, x0, x1) in [(~upper, (a, b, lo, hi)), (upper, (b, a, 1 - hi, 1 - lo))]:
+        s, t, x0, x1 = (v[mask].numpy() for v in (s, t, x0, x1))
+        c1, c0, inner = betainc(s, t, x1), np.zeros(len(s)), x0 > 0   # I_0 = 0: not computed
+        c0[inner] = betainc(s[inner], t[inner], x0[inner])
+        with np.errstate(divide='ignore'):
+            r = np.log(c1 - c0)
+        lost = ~(c1 - c0 > 1e-8 * c1) | (c1 < 1e-250)     # cancelled or underflowing: log space
+        if lost.any():
+            s, t, x0, x1 = s[lost], t[lost], x0[lost], x1[lost]
+            l1, l0 = log_betainc_series(s, t, x1), log_betainc_series(s, t, x0)
+            r[lost] = l1 + np.log(-np.expm1(l0 - l1))
+        out[mask] = torch.from_numpy(r)
+    return out.to(dev)
 
 
 class DiscretizedLogistic(Distribution):
@@ -160,13 +317,29 @@ class _CategoricalHeadNLL(torch.autograd.Function):
 class Likelihood(nn.Module):
     """p(x|z) for one --dist: a per-pixel linear head (decoder features -> unconstrained
     parameters, `channels` per pixel) and `dist`, which applies the constraints and returns
-    a torch.distributions distribution over whole images. The base models gray values."""
+    a torch.distributions distribution over whole images. Everything the scripts need to
+    know about a likelihood is here, so a new one is a subclass and a registry line:
+    - data(x8): the float images in [0, 1] it models (training, validation, test);
+    - log_prob_8bit: its exact log-probability of the 8-bit test image (None: not defined);
+    - density: a density on [0, 1] or R, scored by integrating it over each 8-bit bin;
+    - options: the train.py flags it takes; tag(): the run-name suffix they give;
+    - clipped: its means and samples may leave [0, 1] (figures clip them);
+    - diagnostics(): extra evaluation numbers, `diagnostic_columns` of likelihoods.csv."""
     channels = 1
     default_kl_weight = 1.0
+    data_name = 'gray values'
+    density = False
+    clipped = False
+    options = ()
+    diagnostic_columns = ()
 
     def __init__(self, features, **_):
         super().__init__()
         self.head = nn.Linear(features, self.channels)
+
+    def tag(self):
+        """Suffix of the run name for options not at their defaults ('' here)."""
+        return ''
 
     def data(self, x8, generator=None):
         """uint8 images (B, 1, 28, 28) -> the float images in [0, 1] this likelihood models."""
@@ -183,6 +356,12 @@ class Likelihood(nn.Module):
     def log_prob(self, h, x):
         return self(h).log_prob(x)  # (...,) nats per image
 
+    def log_prob_8bit(self, h, x8, log_px):
+        """Exact log P(x8 | z) of the 8-bit images x8 (B, 1, H, W), nats per image (..., B),
+        given log_px = self.log_prob(h, x) on its data x of x8. Here: its data are the 256
+        levels themselves, so that is it already."""
+        return log_px
+
     def mean(self, h):
         return self(h).mean
 
@@ -194,9 +373,35 @@ class Likelihood(nn.Module):
         samples) and KL: the negative ELBO, with the KL weighted by kl_weight."""
         return -log_px + kl_weight * kl
 
+    def diagnostics(self, model, x8):
+        """Extra numbers for likelihoods.csv on the test images x8: {column: value}."""
+        return {}
+
+    def describe(self, row):
+        """A sentence on its diagnostics in a row of likelihoods.csv ('' if none)."""
+        return ''
+
+
+class DensityLik(Likelihood):
+    """A density on [0, 1] (or R). Its 8-bit score is exact: P(v | z) is the integral of the
+    density over v's bin [v/256, (v+1)/256) (log_interval), the mass outside [0, 1] going to
+    the end bins; float64, summed over pixels."""
+    density = True
+
+    def log_interval(self, params, lo, hi):
+        """Per pixel log P(lo <= X < hi) (..., 1, H, W) from the head's params (..., H, W, C)."""
+        raise NotImplementedError
+
+    def log_prob_8bit(self, h, x8, log_px=None):
+        lo, hi = bin_edges(x8)
+        lo, hi = lo.masked_fill(x8 == 0, -math.inf), hi.masked_fill(x8 == 255, math.inf)
+        return self.log_interval(self.head(h).double(), lo, hi).flatten(-3).sum(-1).float()
+
 
 class BernoulliLik(Likelihood):
-    """Binarised pixels; training batches are re-binarised each time (dynamic binarisation)."""
+    """Binarised pixels; training batches are re-binarised each time (dynamic binarisation).
+    Binarised digits are another data set: no 8-bit score."""
+    data_name = 'binarised'
 
     def data(self, x8, generator=None):
         return torch.bernoulli(x8.float() / 255, generator=generator)
@@ -204,27 +409,62 @@ class BernoulliLik(Likelihood):
     def dist(self, params):
         return images(Bernoulli(logits=pixel(params[..., 0]), validate_args=False))
 
+    def log_prob_8bit(self, h, x8, log_px):
+        return None
 
-class ContinuousBernoulliLik(Likelihood):
+
+class ContinuousBernoulliLik(DensityLik):
+    """Continuous Bernoulli on gray values, exact at any logit (ContinuousBernoulli above)."""
+    diagnostic_columns = ('cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats')
+
     def dist(self, params):
-        return images(ContinuousBernoulli(logits=pixel(params[..., 0]), validate_args=False))
+        return images(ContinuousBernoulli(pixel(params[..., 0]), validate_args=False))
+
+    def log_interval(self, params, lo, hi):
+        return ContinuousBernoulli(pixel(params[..., 0])).log_interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+    @torch.inference_mode()
+    def diagnostics(self, model, x8, batch=500):
+        """ELBO on gray values x/255 with the normalised density, and with the unnormalised
+        "Bernoulli on gray values" (binary cross-entropy) in its place: the gap is the normaliser."""
+        gen = torch.Generator(x8.device).manual_seed(EVAL_SEED)
+        proper = bce = 0.0
+        for xb in x8.split(batch):
+            x = xb.float() / 255
+            log_px, kl, h = elbo_terms(model, x, generator=gen)
+            logits = pixel(self.head(h)[..., 0])
+            log_bce = images(Bernoulli(logits=logits, validate_args=False)).log_prob(x).mean(0)
+            proper += (log_px - kl).sum().item()
+            bce += (log_bce - kl).sum().item()
+        return {'cb_gray_elbo_nats': proper / x8.shape[0], 'cb_gray_bce_elbo_nats': bce / x8.shape[0]}
+
+    def describe(self, row):
+        return (f"{row['dist']} (seed {row['seed']}) on gray values: ELBO {row['cb_gray_elbo_nats']:.2f} nats with the "
+                f"normalised density; {row['cb_gray_bce_elbo_nats']:.2f} with 'Bernoulli on gray values' "
+                f"(unnormalised: not a log-probability; the missing normaliser is "
+                f"{row['cb_gray_elbo_nats'] - row['cb_gray_bce_elbo_nats']:.2f} nats)")
 
 
-class GaussianLik(Likelihood):
-    """Normal with a learned per-pixel mean and std (std floored). The density of the many
-    exactly-0 background pixels grows as their std shrinks, so the floor matters: at 1e-3
-    training was unstable (validation ELBO 442, 152, 1035, 336, 1062 over 5 epochs) and
-    reconstructions showed wrong digits; at 1e-2 it rose every epoch, to 1781 (measured)."""
+class GaussianLik(DensityLik):
+    """Normal with a learned per-pixel mean and std (std floored: the density of the many
+    exactly-0 background pixels grows without bound as their std shrinks)."""
     channels = 2
     std_floor = 1e-2
+    clipped = True
 
     def dist(self, params):
         loc, scale = pixel(params[..., 0]), positive(pixel(params[..., 1]), self.std_floor)
         return images(Normal(loc, scale, validate_args=False))
 
+    def log_interval(self, params, lo, hi):
+        base = self.dist(params).base_dist
+        return normal_log_interval(base.loc, base.scale, lo, hi)
 
-class FixedGaussianLik(Likelihood):
+
+class FixedGaussianLik(GaussianLik):
     """Normal with a fixed std sigma, trained in the MSE form."""
+    channels = 1
+    options = ('sigma',)
 
     def __init__(self, features, sigma=0.1, **_):
         super().__init__(features)
@@ -232,6 +472,9 @@ class FixedGaussianLik(Likelihood):
         # lambda = 1/(beta N), beta = 1/sigma^2: the MSE-form loss is then the negative
         # ELBO times 2 sigma^2 / N, minus sigma^2 log(2 pi sigma^2).
         self.default_kl_weight = sigma ** 2 / N_PIXELS
+
+    def tag(self):
+        return '' if self.sigma == 0.1 else f'-sigma{self.sigma:g}'
 
     def dist(self, params):
         return images(Normal(pixel(params[..., 0]), self.sigma, validate_args=False))
@@ -251,10 +494,11 @@ def dequantize(x8, generator=None):
     return ((x8.float() + u) / 256).clamp(1e-6, 1 - 1e-6)
 
 
-class BetaLik(Likelihood):
+class BetaLik(DensityLik):
     """Beta on uniformly dequantised gray values (255x + u)/256, u ~ U[0, 1)."""
     channels = 2
     floor = 1e-3
+    data_name = 'dequantised'
 
     def data(self, x8, generator=None):
         return dequantize(x8, generator)
@@ -263,14 +507,24 @@ class BetaLik(Likelihood):
         a, b = (positive(pixel(params[..., i]), self.floor) for i in (0, 1))
         return images(Beta(a, b, validate_args=False))
 
+    def log_interval(self, params, lo, hi):
+        base = self.dist(params).base_dist
+        return beta_log_interval(base.concentration1, base.concentration0, lo.clamp(0, 1), hi.clamp(0, 1))
+
 
 class CategoricalLik(Likelihood):
     """Categorical over K levels: pixel value v in 0..255 falls in bin floor(v K / 256),
-    represented in [0, 1] as bin / (K - 1)."""
+    represented in [0, 1] as bin / (K - 1). With K < 256 each bin's mass is spread
+    uniformly over its 8-bit values in the 8-bit score."""
+    options = ('bins',)
 
     def __init__(self, features, bins=256, **_):
         self.channels = self.bins = bins
         super().__init__(features)
+        self.data_name = '8-bit levels' if bins == 256 else f'{bins} bins'
+
+    def tag(self):
+        return '' if self.bins == 256 else f'-K{self.bins}'
 
     def data(self, x8, generator=None):
         return torch.div(x8.long() * self.bins, 256, rounding_mode='floor').float() / (self.bins - 1)
@@ -285,6 +539,11 @@ class CategoricalLik(Likelihood):
                                         self.head.bias, target.reshape(-1))
         return -nll.view(h.shape[:-3] + (-1,)).sum(-1)  # (...,) nats per image
 
+    def log_prob_8bit(self, h, x8, log_px):
+        """log P(bin) - log(number of 8-bit values in the bin), per pixel."""
+        size = torch.bincount(torch.arange(256) * self.bins // 256, minlength=self.bins).float()
+        return log_px - size.log().to(x8.device)[x8.long() * self.bins // 256].flatten(-3).sum(-1)
+
     def mean(self, h):
         levels = torch.linspace(0, 1, self.bins, device=h.device)
         return (self(h).base_dist.probs * levels).sum(-1)
@@ -297,13 +556,14 @@ class LogisticLik(Likelihood):
     """Discretised logistic over the 256 levels of the 8-bit pixels."""
     channels = 2
     scale_floor = 1e-3
+    data_name = '8-bit levels'
 
     def dist(self, params):
         loc, scale = pixel(params[..., 0]), positive(pixel(params[..., 1]), self.scale_floor)
         return images(DiscretizedLogistic(loc, scale, validate_args=False))
 
 
-LIKELIHOODS = {  # --dist name -> likelihood; each takes the options it uses (bins, sigma)
+LIKELIHOODS = {  # --dist name -> likelihood class
     'bernoulli': BernoulliLik,
     'cbernoulli': ContinuousBernoulliLik,
     'gaussian': GaussianLik,
@@ -314,8 +574,10 @@ LIKELIHOODS = {  # --dist name -> likelihood; each takes the options it uses (bi
 }
 
 
-def make_likelihood(dist, features=16, bins=256, sigma=0.1):
-    return LIKELIHOODS[dist](features, bins=bins, sigma=sigma)
+def make_likelihood(name, features=16, **options):
+    """The likelihood --dist names, given the options it takes (others are ignored)."""
+    cls = LIKELIHOODS[name]
+    return cls(features, **{k: options[k] for k in cls.options if k in options})
 
 
 def eval_data(lik, x8):
@@ -393,10 +655,66 @@ def elbo_terms(model, x, samples=1, generator=None):
     return model.lik.log_prob(h, x).mean(0), kl_normal(mu, logvar), h
 
 
+# -----------------------------------------------------------------------------
+# estimators of log p(x): importance sampling with the encoder as proposal
+
+CHUNK = 256  # decoder passes per call: small enough to stay in a CPU's caches
+
+
+@torch.inference_mode()
+def log_weights(model, x, k, generator=None, x8=None, xdeq=None, chunk=CHUNK):
+    """Importance weights log p(., z_i) - log q(z_i|x) of k draws z_i ~ q(z|x), x (B, 1, 28, 28)
+    the likelihood's data: {'data': with log p(x|z); '8bit': with the exact log P(x8|z) of the
+    8-bit images x8, where given and the likelihood has one; 'bound': with the dequantisation
+    bound log p(xdeq|z) - 784 log 256, where xdeq is given}, each (k, B). Also the k-sample
+    mean of log p(x|z) (B,), the closed-form KL (B,) and the posterior means (B, D)."""
+    mu, logvar = model.encode(x)                          # (B, D)
+    q = Normal(mu, (0.5 * logvar).exp())
+    kc = max(1, min(k, chunk // x.shape[0]))              # draws per decoder call
+    lw, log_px = {}, 0.0
+    for s in range(0, k, kc):
+        z = reparameterize(mu, logvar, min(kc, k - s), generator)   # (c, B, D)
+        h = model.decode(z)                                         # (c, B, 28, 28, F)
+        log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)   # (c, B)
+        lpx = model.lik.log_prob(h, x)                              # (c, B)
+        scores = {'data': lpx}
+        if x8 is not None:
+            scores['8bit'] = model.lik.log_prob_8bit(h, x8, lpx)
+        if xdeq is not None:
+            scores['bound'] = model.lik.log_prob(h, xdeq) - N_PIXELS * LOG256
+        for key, lp in scores.items():
+            if lp is not None:
+                lw.setdefault(key, []).append(lp + log_prior)
+        log_px = log_px + lpx.sum(0)
+    return {key: torch.cat(v) for key, v in lw.items()}, log_px / k, kl_normal(mu, logvar), mu
+
+
+def iwae(lw, k):
+    """IWAE estimates of log p(x) from log weights (K, B), averaged over the K // k disjoint
+    groups of k draws: (B,). Each is a lower bound on log p(x) in expectation, tighter as k grows."""
+    groups = lw[: lw.shape[0] // k * k].view(-1, k, lw.shape[1])
+    return (torch.logsumexp(groups, 1) - math.log(k)).mean(0)
+
+
+def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None, progress=True):
+    """log p by importance sampling (IWAE, k draws) for every image, in batches: a dict of
+    (n,) estimates with the keys of log_weights; also the k-sample mean of log p(x|z), the
+    closed-form KL (n,) and the posterior means (n, D)."""
+    from tqdm import tqdm
+    b = max(1, CHUNK // min(k, CHUNK))
+    parts = [(x[s:s + b], None if x8 is None else x8[s:s + b], None if xdeq is None else xdeq[s:s + b])
+             for s in range(0, x.shape[0], b)]
+    out = [log_weights(model, xb, k, generator, x8b, xdb)
+           for xb, x8b, xdb in tqdm(parts, 'log p(x)', leave=False, disable=None if progress else True)]
+    lw, log_px, kl, mu = zip(*out)
+    est = {key: iwae(torch.cat([w[key] for w in lw], 1), k) for key in lw[0]}
+    return est, torch.cat(log_px), torch.cat(kl), torch.cat(mu)
+
+
 def build(args):
     """The model (with its likelihood, model.lik) from a dict of training arguments,
     as stored in checkpoints."""
-    lik = make_likelihood(args['dist'], VAE.features, args['bins'], args['sigma'])
+    lik = make_likelihood(args['dist'], VAE.features, **args)
     return VAE(lik, args['latent_dim'])
 
 
