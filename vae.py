@@ -160,16 +160,17 @@ def normal_log_interval(loc, scale, lo, hi):
     """log P(lo <= X < hi) for X ~ Normal(loc, scale) (lo may be -inf, hi inf), from log
     Phi on whichever side of the mean the interval lies, so upper tails keep their precision.
     Use float64. An interval too narrow to resolve gets its density times its width."""
-    a, b = (lo - loc) / scale, (hi - loc) / scale
+    def standard(t):      # infinite edges as 1e6 std away: the same masses in float64, finite gradients
+        return torch.where(t.isinf(), 1e6 * t.sign(), (torch.where(t.isinf(), 0.0, t) - loc) / scale).clamp(-1e6, 1e6)
+    a, b = standard(lo), standard(hi)
     flip = a + b > 0      # above the mean: P = Phi(-a) - Phi(-b)
     big = torch.special.log_ndtr(torch.where(flip, -a, b))
     small = torch.special.log_ndtr(torch.where(flip, -b, a))
     out = big + torch.log(-torch.expm1(small - big))
     lost = ~(small < big)
-    if lost.any():
-        mid = (lo + hi) / 2
-        out[lost] = Normal(loc.expand_as(mid)[lost], scale.expand_as(mid)[lost]).log_prob(mid[lost]) \
-            + torch.log(hi - lo)[lost]
+    if lost.any():     # rare: density at the middle times the width (finite everywhere, differentiable)
+        mid, width = ((lo + hi) / 2).clamp(-1e300, 1e300), (hi - lo).clamp(max=1e300)
+        out = torch.where(lost, Normal(loc, scale).log_prob(mid) + width.log(), out)
     return out
 
 
