@@ -224,10 +224,11 @@ def main(argv=None):
             'eval img*k/s', 'peak RSS MB']
     for cells in [head, ['---'] * len(head)] + [[r[c] for c in TABLE] for r in rows]:   # a Markdown table
         print('| ' + ' | '.join(str(c) for c in cells) + ' |')
-    rate = {(r['dist'], r['loop']): r['epoch_img_s'] for r in rows}
-    if ('bernoulli', 'train.py') in rate and ('categorical', 'train.py') in rate:
-        print(f"categorical / bernoulli training images/s: "
-              f"{rate['categorical', 'train.py'] / rate['bernoulli', 'train.py']:.2f}")
+    rate = {r['dist']: r['epoch_img_s'] for r in rows if r['loop'] == 'train.py'}
+    first = args.dists[0]
+    for dist in args.dists[1:]:
+        if first in rate and dist in rate:
+            print(f"{dist} / {first} training images/s: {rate[dist] / rate[first]:.2f}")
     print(f'wrote {args.out}')
     return rows
 

@@ -65,7 +65,10 @@ def evaluate_run(run_dir, test_x8, args, device):
     lik, a = model.lik, ckpt['args']
     x8 = test_x8[:args.n_test].to(device)
     x = vae.eval_data(lik, x8)                            # what the model sees: the encoder's input
-    xdeq = vae.dequantize(x8.cpu(), torch.Generator().manual_seed(vae.EVAL_SEED)).to(device) if lik.density else None
+    xdeq = None
+    if lik.density:        # the dequantisation bound's data; beta's own data already is it
+        xdeq = vae.dequantize(x8.cpu(), torch.Generator().manual_seed(vae.EVAL_SEED)).to(device)
+        xdeq = x if torch.equal(xdeq, x) else xdeq
     gen = torch.Generator(device).manual_seed(vae.EVAL_SEED)
     est, log_px, kl, mu = vae.importance_log_px(model, x, args.k, gen, x8, xdeq)   # (n,) each, mu (n, D)
     key = '8bit' if '8bit' in est else 'data'             # what is ranked: the 8-bit pixels, where defined

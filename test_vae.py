@@ -249,7 +249,7 @@ def test_continuous_bernoulli_samples_follow_its_cdf(e):
     assert ks < 0.006                       # the 99.9% KS critical value is 1.95 / sqrt(n)
 
 
-def one_pixel_heads(lik, n=40, seed=0):
+def one_pixel_heads(n=40, seed=0):
     """n decoder features (n, 1, 1, F), from tame to extreme head outputs (up to the hundreds)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 1, vae.VAE.features, generator=gen) * torch.logspace(-1, 2.5, n).view(n, 1, 1, 1)
@@ -260,7 +260,7 @@ def test_exact_8bit_bin_probabilities_of_every_density_sum_to_one(dist):
     """Through log_prob_8bit, the path the comparison uses: each of 40 one-pixel decoders
     (tame to extreme parameters) gives its 256 values probabilities summing to 1 (float64)."""
     lik = lik_of(dist)
-    h = one_pixel_heads(lik).unsqueeze(1).expand(-1, 256, -1, -1, -1)   # (40, 256, 1, 1, F)
+    h = one_pixel_heads().unsqueeze(1).expand(-1, 256, -1, -1, -1)   # (40, 256, 1, 1, F)
     levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)  # 256 one-pixel images
     with torch.no_grad():
         logp = lik.log_prob_8bit(h, levels, None).double()             # (40, 256)

@@ -523,6 +523,8 @@ class CategoricalLik(Likelihood):
         self.channels = self.bins = bins
         super().__init__(features)
         self.data_name = '8-bit levels' if bins == 256 else f'{bins} bins'
+        # log of how many 8-bit values each bin holds (not a buffer: checkpoints stay as they are)
+        self.log_bin_size = torch.bincount(torch.arange(256) * bins // 256, minlength=bins).float().log()
 
     def tag(self):
         return '' if self.bins == 256 else f'-K{self.bins}'
@@ -542,8 +544,10 @@ class CategoricalLik(Likelihood):
 
     def log_prob_8bit(self, h, x8, log_px):
         """log P(bin) - log(number of 8-bit values in the bin), per pixel."""
-        size = torch.bincount(torch.arange(256) * self.bins // 256, minlength=self.bins).float()
-        return log_px - size.log().to(x8.device)[x8.long() * self.bins // 256].flatten(-3).sum(-1)
+        if self.bins == 256:
+            return log_px
+        log_size = self.log_bin_size.to(x8.device)
+        return log_px - log_size[x8.long() * self.bins // 256].flatten(-3).sum(-1)
 
     def mean(self, h):
         levels = torch.linspace(0, 1, self.bins, device=h.device)
@@ -681,8 +685,8 @@ def log_weights(model, x, k, generator=None, x8=None, xdeq=None, chunk=CHUNK):
         scores = {'data': lpx}
         if x8 is not None:
             scores['8bit'] = model.lik.log_prob_8bit(h, x8, lpx)
-        if xdeq is not None:
-            scores['bound'] = model.lik.log_prob(h, xdeq) - N_PIXELS * LOG256
+        if xdeq is not None:   # beta's own data is this dequantisation: its log p is lpx
+            scores['bound'] = (lpx if xdeq is x else model.lik.log_prob(h, xdeq)) - N_PIXELS * LOG256
         for key, lp in scores.items():
             if lp is not None:
                 lw.setdefault(key, []).append(lp + log_prior)
@@ -697,16 +701,19 @@ def iwae(lw, k):
     return (torch.logsumexp(groups, 1) - math.log(k)).mean(0)
 
 
-def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None, progress=True):
+def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
     """log p by importance sampling (IWAE, k draws) for every image, in batches: a dict of
     (n,) estimates with the keys of log_weights; also the k-sample mean of log p(x|z), the
     closed-form KL (n,) and the posterior means (n, D)."""
     from tqdm import tqdm
     b = max(1, CHUNK // min(k, CHUNK))
-    parts = [(x[s:s + b], None if x8 is None else x8[s:s + b], None if xdeq is None else xdeq[s:s + b])
-             for s in range(0, x.shape[0], b)]
+    parts = []
+    for s in range(0, x.shape[0], b):
+        xb = x[s:s + b]        # xdeq is x: the same batch object, so log_weights reuses log p(x|z)
+        parts.append((xb, None if x8 is None else x8[s:s + b],
+                      None if xdeq is None else xb if xdeq is x else xdeq[s:s + b]))
     out = [log_weights(model, xb, k, generator, x8b, xdb)
-           for xb, x8b, xdb in tqdm(parts, 'log p(x)', leave=False, disable=None if progress else True)]
+           for xb, x8b, xdb in tqdm(parts, 'log p(x)', leave=False, disable=None)]
     lw, log_px, kl, mu = zip(*out)
     est = {key: iwae(torch.cat([w[key] for w in lw], 1), k) for key in lw[0]}
     return est, torch.cat(log_px), torch.cat(kl), torch.cat(mu)
