@@ -163,6 +163,8 @@ def plot_results(rows, summary, path):
     eight = sorted((s for s in summary if s['bits_per_dim_mean'] is not None), key=lambda s: s['bits_per_dim_mean'])
     binar = [s for s in summary if s['bits_per_dim_mean'] is None]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [4, 1]})
+    # the exact values set the scale; a bound far above them is drawn at the top, its value written
+    top = 1.5 * max(s['bits_per_dim_mean'] for s in eight) if eight else 1.0
     for i, s in enumerate(eight):
         rs = [r for r in rows if r['dist'] == s['dist']]
         if s['n_seeds'] > 1:   # 95% interval over seeds
@@ -173,14 +175,19 @@ def plot_results(rows, summary, path):
         ax.errorbar([i], [s['bits_per_dim_mean']], yerr=[[s['bits_per_dim_mean'] - lo], [hi - s['bits_per_dim_mean']]],
                     fmt='o', color='C0', capsize=4, ms=8)
         ax.plot([i] * len(rs), [r['bits_per_dim'] for r in rs], '.', color='gray')
-        if s['bound_bits_per_dim_mean'] is not None:   # a density's dequantisation bound, shown beside
-            ax.plot([i], [s['bound_bits_per_dim_mean']], 'v', mfc='none', color='C1', ms=8)
+        bound = s['bound_bits_per_dim_mean']
+        if bound is not None:   # a density's dequantisation bound, shown beside
+            ax.plot([i], [min(bound, top)], 'v' if bound <= top else '^', mfc='none', color='C1', ms=8)
+            if bound > top:
+                ax.annotate(f'bound {bound:.4g}', (i, top), xytext=(0, -16), textcoords='offset points',
+                            ha='center', fontsize=8, color='C1')
     ax.set_xticks(range(len(eight)), [s['dist'] for s in eight])
     ax.set_ylabel('bits/dim on the 8-bit test pixels (lower is better)')
     ax.plot([], [], 'o', color='C0', label='exact log P of the 8-bit pixels (IWAE), ranked')
     ax.plot([], [], 'v', mfc='none', color='C1', label='density: dequantisation bound (an upper bound, not ranked)')
     ax.legend(fontsize=9)
     ax.set_title(f'8-bit MNIST test set, IWAE k = {rows[0]["iwae_k"]}, n = {rows[0]["n_test"]}', fontsize=10)
+    ax.set_ylim(0, top * 1.05)
     ax.grid(axis='y', alpha=0.3)
     for i, s in enumerate(binar):
         rs = [r for r in rows if r['dist'] == s['dist']]
