@@ -174,56 +174,82 @@ def normal_log_interval(loc, scale, lo, hi):
     return out
 
 
-def log_betainc_series(a, b, x, terms=3000):
-    """log I_x(a, b) in log space, where I_x itself underflows (far lower tails):
-    a log x + b log(1 - x) - log a - log B(a, b) + log sum_n t_n, with t_0 = 1 and
-    t_(n+1) = t_n x (a + b + n) / (a + 1 + n) (the 2F1 series; positive terms). numpy float64."""
-    from scipy.special import betaln
-    total, t = np.ones_like(x), np.ones_like(x)
-    for n in range(terms):
-        t = t * x * (a + b + n) / (a + 1 + n)
-        total += t
-        if np.all(t < 1e-17 * total):
-            break
-    with np.errstate(divide='ignore'):
-        return a * np.log(x) + b * np.log1p(-x) - np.log(a) - betaln(a, b) + np.log(total)
+def log_series_sum(c, d, x, terms=128):
+    """log sum_n t_n with t_0 = 1, t_(n+1) = t_n (c + n x) / (d + n), for float64 vectors:
+    each element stops once its terms fall below 1e-17 of its sum; nan where that takes more
+    than `terms` terms, inf where the terms overflow."""
+    out = torch.full_like(x, math.nan)
+    live = torch.arange(len(x), device=x.device)
+    d = d.clone()
+    t, s, r = torch.ones_like(x), torch.ones_like(x), torch.empty_like(x)
+    for n in range(terms):          # in place, few passes: this loop is most of the cost of scoring a Beta
+        torch.add(c, x, alpha=n, out=r).div_(d)
+        d.add_(1)
+        t.mul_(r)
+        s.add_(t)
+        last = n == terms - 1
+        if n % 16 == 15 or last:
+            stop = (t < 1e-17 * s) | (s == math.inf)
+            if last or 4 * int(stop.sum()) >= len(live):    # compact once a quarter has stopped
+                i, keep = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)
+                out[live[i]] = s[i].log()
+                live, x, c, d, t, s = (v.index_select(0, keep) for v in (live, x, c, d, t, s))
+                r = torch.empty_like(x)
+                if len(live) == 0:
+                    break
+    return out
 
 
-def betainc(a, b, x):
-    """scipy.special.betainc on numpy float64 arrays, split across the CPU's cores (scipy's
-    loops release the GIL; its one thread would otherwise make Beta the slowest to score)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from scipy.special import betainc as f
-    n = min(os.cpu_count() or 1, len(x) // 20000 + 1)
-    if n == 1:
-        return f(a, b, x)
-    parts = [np.array_split(v, n) for v in (a, b, x)]
-    with ThreadPoolExecutor(n) as ex:
-        return np.concatenate(list(ex.map(f, *parts)))
+def log_betainc(a, b, x, log_beta=None, terms=128):
+    """log I_x(a, b), the regularised incomplete beta function, for float64 tensors, 0 <= x <= 1:
+    a log x + b log(1 - x) - log a - log B(a, b) + log sum_n t_n with t_0 = 1,
+    t_(n+1) = t_n x (a + b + n) / (a + 1 + n) (the 2F1 series: positive terms, so no
+    cancellation, and no underflow in log space). log_beta: log B(a, b) where known. The few
+    elements whose series needs more than `terms` terms (x near the mean of a peaked Beta) come
+    from scipy's betainc (torch has none)."""
+    a, b, x = torch.broadcast_tensors(a, b, x)
+    shape = x.shape
+    a, b, x = a.reshape(-1), b.reshape(-1), x.reshape(-1)
+    lb = (torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b) if log_beta is None
+          else log_beta.expand(shape).reshape(-1))
+    inner = (x > 0) & (x < 1)
+    out = torch.where(x > 0, 0.0, -math.inf).double()     # I_0 = 0, I_1 = 1
+    i = inner.nonzero().squeeze(1)
+    if len(i) < len(x):
+        a, b, x, lb = a[i], b[i], x[i], lb[i]
+    log_sum = log_series_sum(x * (a + b), a + 1, x, terms)
+    li = a * x.log() + b * torch.log1p(-x) - a.log() - lb + log_sum
+    hard = (~log_sum.isfinite()).nonzero().squeeze(1)
+    if len(hard):
+        from scipy.special import betainc
+        with np.errstate(divide='ignore'):
+            args = (v[hard].cpu().numpy() for v in (a, b, x))
+            li[hard] = torch.from_numpy(np.log(betainc(*args))).to(li.device)
+    out[i] = li
+    return out.view(shape)
 
 
 def beta_log_interval(a, b, lo, hi):
-    """log P(lo <= X < hi) for X ~ Beta(a, b), from the regularised incomplete beta function
-    (scipy.special.betainc, float64; torch has none). Above the mean it uses the survival
-    function I_{1-x}(b, a) instead, so upper tails keep their precision; where the difference
-    underflows or cancels, log I comes from its series in log space (log_betainc_series)."""
-    dev = a.device
-    a, b, lo, hi = (t.detach().double().cpu() for t in torch.broadcast_tensors(a, b, lo, hi))
-    upper = lo > a / (a + b)
-    out = torch.empty_like(a)
-    for mask, (s, t, x0, x1) in [(~upper, (a, b, lo, hi)), (upper, (b, a, 1 - hi, 1 - lo))]:
-        s, t, x0, x1 = (v[mask].numpy() for v in (s, t, x0, x1))
-        c1, c0, inner = betainc(s, t, x1), np.zeros(len(s)), x0 > 0   # I_0 = 0: not computed
-        c0[inner] = betainc(s[inner], t[inner], x0[inner])
-        with np.errstate(divide='ignore'):
-            r = np.log(c1 - c0)
-        lost = ~(c1 - c0 > 1e-8 * c1) | (c1 < 1e-250)     # cancelled or underflowing: log space
-        if lost.any():
-            s, t, x0, x1 = s[lost], t[lost], x0[lost], x1[lost]
-            l1, l0 = log_betainc_series(s, t, x1), log_betainc_series(s, t, x0)
-            r[lost] = l1 + np.log(-np.expm1(l0 - l1))
-        out[mask] = torch.from_numpy(r)
-    return out.to(dev)
+    """log P(lo <= X < hi) for X ~ Beta(a, b), 0 <= lo < hi <= 1, from log I_x(a, b)
+    (log_betainc, float64) at both edges. Above the mean it uses the survival side
+    I_(1-x)(b, a), so upper tails keep their precision. A bin whose mass cannot be resolved
+    gets its density at the middle times its width."""
+    a, b, lo, hi = torch.broadcast_tensors(a, b, lo, hi)
+    shape = a.shape
+    a, b, lo, hi = (t.detach().double().reshape(-1) for t in (a, b, lo, hi))
+    up = lo > a / (a + b)
+    s, t = torch.where(up, b, a), torch.where(up, a, b)
+    x0, x1 = torch.where(up, 1 - hi, lo), torch.where(up, 1 - lo, hi)
+    lb = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+    j = (x0 > 0).nonzero().squeeze(1)         # the end bins' outer edge: I_0 = 0, not computed
+    l = log_betainc(torch.cat([s, s[j]]), torch.cat([t, t[j]]), torch.cat([x1, x0[j]]), torch.cat([lb, lb[j]]))
+    l1, l0 = l[:len(s)], torch.full_like(s, -math.inf).index_put_((j,), l[len(s):])
+    out = l1 + torch.log(-torch.expm1(l0 - l1))
+    lost = ~(l0 < l1)
+    if lost.any():      # not seen on trained models; finite rather than -inf
+        mid = ((lo + hi) / 2).clamp(1e-300, 1 - 1e-16)
+        out = torch.where(lost, Beta(a, b).log_prob(mid) + (hi - lo).log(), out)
+    return out.view(shape)
 
 
 class DiscretizedLogistic(Distribution):
