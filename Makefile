@@ -71,7 +71,7 @@ results/latent_all.png: plot_latent.py vae.py $(foreach d,$(DISTS),runs/$(d)-z2-
 # make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.
 bench: results/bench.csv
 
-results/bench.csv: bench.py train.py vae.py compare_likelihoods.py | $(VENV)/.installed
+results/bench.csv: bench.py train.py vae.py utils.py | $(VENV)/.installed
 	$(PY) bench.py --data-dir $(DATA) --out $@
 
 test: | $(VENV)/.installed
@@ -94,8 +94,9 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 # A model reached only through a chain of pattern rules (make latent) would count as an
 # intermediate file, which make deletes when it is done; .PRECIOUS keeps every model.
 .PRECIOUS: runs/%/model.pt
-# A run with last.pt but no model.pt was interrupted: it is resumed, not started over.
+# A run with last.pt but no model.pt was interrupted: it is resumed. A model.pt older than the
+# code is trained again from the start (--overwrite: train.py refuses to replace a run otherwise).
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
 	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS) \
-	  $(if $(wildcard $@),,$(if $(wildcard $(@D)/last.pt),--resume))
+	  $(if $(wildcard $@),--overwrite,$(if $(wildcard $(@D)/last.pt),--resume))

@@ -27,20 +27,24 @@ it measures
 Prints a table and writes --out (default results/bench.csv) with the device, torch version
 and thread count. Timings are wall-clock: run it on an otherwise idle machine.
 """
-import argparse
-import concurrent.futures
-import multiprocessing
-import os
-import platform
-import resource
-import statistics
-import time
+import utils
+if __name__ == '__main__':
+    utils.one_line_errors()   # first: from here on Ctrl-C, a full disk or OOM is one line, not a traceback
 
-import torch
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
-import compare_likelihoods as compare
-import train
-import vae
+import torch  # noqa: E402
+
+import train  # noqa: E402  (to time its real loop)
+import vae  # noqa: E402
+from utils import number  # noqa: E402
 
 COLUMNS = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
            'eval_k', 'eval_n', 'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch', 'compile']
@@ -125,7 +129,7 @@ def measure(dist, args):
     Both loops run in this one process (peak memory is the process's); the evaluations of
     the two loops alternate (the mean of two each)."""
     torch.manual_seed(0)
-    device = train.pick_device(args.device)
+    device = utils.pick_device(args.device)
     model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
     lik, kl_weight = model.lik, model.lik.default_kl_weight
     if args.compile:                                      # compiled on the warm-up steps, not timed
@@ -185,19 +189,19 @@ def in_fresh_process(*a):
 
 
 def parse_args(argv=None):
-    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dists', nargs='+', default=['bernoulli', 'categorical'], choices=list(vae.LIKELIHOODS))
     p.add_argument('--loops', nargs='+', default=list(LOOPS), choices=LOOPS)
-    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
+    p.add_argument('--device', default='auto', choices=utils.DEVICES)
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/')
-    p.add_argument('--batch-size', type=train.number(int, 1), default=256)
-    p.add_argument('--steps', type=train.number(int, 1), default=30, help='ceiling: steps per timed run')
-    p.add_argument('--epochs', type=train.number(int, 1), default=2, help='epochs of each loop (median kept)')
-    p.add_argument('--k', type=train.number(int, 1), default=100, help='eval: importance samples per image')
-    p.add_argument('--eval-n', type=train.number(int, 1, 10000), default=500, help='eval: test images')
+    p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
+    p.add_argument('--steps', type=number(int, 1, 10000), default=30, help='ceiling: steps per timed run')
+    p.add_argument('--epochs', type=number(int, 1, 1000), default=2, help='epochs of each loop (median kept)')
+    p.add_argument('--k', type=number(int, 1, 100000), default=100, help='eval: importance samples per image')
+    p.add_argument('--eval-n', type=number(int, 1, 10000), default=500, help='eval: test images')
     p.add_argument('--compile', action='store_true',
                    help="torch.compile the model's forward for training (an experiment: slower on a 2-core CPU)")
-    p.add_argument('--subset', type=train.number(int, 1, 50000), default=50000,
+    p.add_argument('--subset', type=number(int, 1, 50000), default=50000,
                    help='epoch: the first N training images (a quick check, not a benchmark)')
     p.add_argument('--out', default='results/bench.csv')
     return p.parse_args(argv)
@@ -205,17 +209,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    train.pick_device(args.device)                        # a missing device fails here, once
+    utils.pick_device(args.device)                        # a missing device fails here, once
     try:
         vae.load_mnist(args.data_dir)
     except vae.DataError as e:
         raise SystemExit(f'error: {e}')
+    utils.writable_dir(os.path.dirname(args.out) or '.', '--out')
     rows = []
     for dist in args.dists:
         print(f'bench: {dist}: the ceiling around {args.epochs} epoch(s) of each loop, then the evaluations ...', flush=True)
         rows += in_fresh_process(dist, args)
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    compare.write_csv(rows, args.out, COLUMNS)                # atomic, as every CSV here
+    utils.write_csv(rows, args.out, COLUMNS)
 
     r = rows[0]
     print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}{', torch.compile' * args.compile}; "

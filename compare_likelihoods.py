@@ -25,17 +25,22 @@ Per run, on the first --n-test test images (default all 10,000), in nats per ima
 Writes into --out (default results/): likelihoods.csv, likelihoods_summary.csv,
 bayes_factors.csv, likelihoods.png, samples.png, reconstructions.png.
 """
-import argparse
-import csv
-import math
-import os
-import subprocess
-import sys
-import time
+import utils
+if __name__ == '__main__':
+    utils.one_line_errors()   # first: from here on Ctrl-C, a full disk or OOM is one line, not a traceback
 
-import torch
-import train
-import vae
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import vae  # noqa: E402
+from utils import number  # noqa: E402
 
 BITS = vae.N_PIXELS * math.log(2)   # nats per image -> bits per pixel
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -58,10 +63,38 @@ def columns():
 # one run
 
 
-def evaluate_run(run_dir, test_x8, args, device):
-    """Row of likelihoods.csv, the per-image exact 8-bit log P(x) (None for bernoulli) and the model."""
+def check_runs(runs, device):
+    """Every run checked before any is evaluated: [(run, model, ckpt, training seconds)], or a
+    one-line exit naming the run or file that is wrong (missing, unreadable, being trained,
+    named twice, or a second copy of the same model and seed)."""
+    out, seen, models = [], {}, {}
+    for run in runs:
+        real = os.path.realpath(run)
+        if real in seen:
+            sys.exit(f'error: {run} is named twice (as {seen[real]} too): each run counts once')
+        seen[real] = run
+        if not os.path.isfile(os.path.join(run, 'model.pt')):
+            sys.exit(f'error: {run} has no model.pt (train it first: make compare trains every run)')
+        holder = utils.lock_holder(run)
+        if holder:
+            sys.exit(f'error: {run} is being trained by {holder}; compare it when that has finished')
+        try:
+            model, ckpt = vae.load_checkpoint(os.path.join(run, 'model.pt'), device)
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        a = ckpt['args']
+        key = (a['dist'] + model.lik.tag(), a['latent_dim'], a['seed'])
+        if key in models:
+            sys.exit(f'error: {run} and {models[key]} hold the same model ({key[0]}, latent dim {key[1]}, '
+                     f'seed {key[2]}): it would count as two seeds; keep one')
+        models[key] = run
+        out.append((run, model, ckpt, read_train_seconds(run, a['epochs'])))
+    return out
+
+
+def evaluate_run(model, ckpt, train_seconds, test_x8, args, device):
+    """Row of likelihoods.csv and the per-image exact 8-bit log P(x) (None for bernoulli)."""
     t0 = time.time()
-    model, ckpt = vae.load_checkpoint(os.path.join(run_dir, 'model.pt'), device)
     lik, a = model.lik, ckpt['args']
     x8 = test_x8[:args.n_test].to(device)
     x = vae.eval_data(lik, x8)                            # what the model sees: the encoder's input
@@ -78,7 +111,7 @@ def evaluate_run(run_dir, test_x8, args, device):
     curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b])[0][key]
                           for s in range(0, min(n, args.n_curve), b)], 1)
     row = {'dist': a['dist'] + lik.tag(), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
-           'epochs': a['epochs'], 'best_epoch': ckpt['epoch'], 'train_seconds': read_train_seconds(run_dir),
+           'epochs': a['epochs'], 'best_epoch': ckpt['epoch'], 'train_seconds': train_seconds,
            'test_data': lik.data_name, 'scored_on': '8-bit pixels (exact)' if key == '8bit' else
            f'{lik.data_name} (not ranked)', 'n_test': n,
            'test_elbo_nats': (log_px - kl).mean().item(), 'test_recon_nats': log_px.mean().item(),
@@ -95,12 +128,23 @@ def evaluate_run(run_dir, test_x8, args, device):
         row['bound_nll_8bit_nats'] = -est['bound'].mean().item()
         row['bound_bits_per_dim'] = row['bound_nll_8bit_nats'] / BITS
     row['eval_seconds'] = time.time() - t0
-    return row, logp8, model
+    return row, logp8
 
 
-def read_train_seconds(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return sum(float(r['seconds']) for r in csv.DictReader(f))
+def read_train_seconds(run_dir, epochs):
+    """The training time of the run's first `epochs` epochs (those model.pt was chosen from), from
+    its metrics.csv; a one-line exit naming the file if it is missing or not train.py's."""
+    path = os.path.join(run_dir, 'metrics.csv')
+    try:
+        with open(path, newline='') as f:
+            seconds = [float(r['seconds']) for r in csv.DictReader(f) if int(r['epoch']) <= epochs]
+    except OSError as e:
+        sys.exit(f'error: cannot read {path} ({e.strerror}): the training time comes from it')
+    except (KeyError, TypeError, ValueError, csv.Error):
+        sys.exit(f'error: {path} is not a metrics.csv written by train.py (no epoch and seconds columns)')
+    if len(seconds) != epochs or not all(math.isfinite(t) and t >= 0 for t in seconds):
+        sys.exit(f'error: {path} holds {len(seconds)} valid epochs of the {epochs} model.pt was trained for')
+    return sum(seconds)
 
 
 # -----------------------------------------------------------------------------
@@ -143,17 +187,6 @@ def bayes_factors(rows, logp8):
                             'stderr_nats': (d.std() / math.sqrt(d.numel())).item(),
                             'a_better_on_images': (d > 0).float().mean().item()})
     return out
-
-
-def write_csv(rows, path, columns):
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ('' if r.get(c) is None else (f'{r[c]:.6g}' if isinstance(r[c], float) else r[c]))
-                        for c in columns})
-    os.replace(tmp, path)
 
 
 def plot_results(rows, summary, path):
@@ -201,7 +234,7 @@ def plot_results(rows, summary, path):
     bx.set_title(f"{binar[0]['scored_on'].split(' (')[0] if binar else 'other'} test set\n(a different data set)", fontsize=10)
     bx.grid(axis='y', alpha=0.3)
     fig.tight_layout()
-    train.save_png(fig, path)
+    utils.save_png(fig, path)
 
 
 @torch.inference_mode()
@@ -215,7 +248,7 @@ def plot_rows(models, test_x8, out_dir):
         n = len(models) + recon
         fig, axes = plt.subplots(n, 2, figsize=(10, 0.75 * n + 0.6), squeeze=False)
         if recon:
-            axes[0, 0].imshow(train.grid(test_x8[:8].float() / 255, 8), cmap='gray', vmin=0, vmax=1)
+            axes[0, 0].imshow(utils.grid(test_x8[:8].float() / 255, 8), cmap='gray', vmin=0, vmax=1)
             axes[0, 0].set_ylabel('test digits', rotation=0, ha='right', va='center', fontsize=9)
         for i, (dist, model) in enumerate(models.items(), int(recon)):
             torch.manual_seed(vae.EVAL_SEED)
@@ -226,8 +259,8 @@ def plot_rows(models, test_x8, out_dir):
             else:
                 z = torch.randn(8, model.latent_dim, generator=torch.Generator().manual_seed(vae.EVAL_SEED)).to(dev)
             h = model.decode(z)
-            axes[i, 0].imshow(train.grid(model.lik.mean(h), 8), cmap='gray', vmin=0, vmax=1)
-            axes[i, 1].imshow(train.grid(model.lik.sample(h), 8), cmap='gray', vmin=0, vmax=1)
+            axes[i, 0].imshow(utils.grid(model.lik.mean(h), 8), cmap='gray', vmin=0, vmax=1)
+            axes[i, 1].imshow(utils.grid(model.lik.sample(h), 8), cmap='gray', vmin=0, vmax=1)
             axes[i, 0].set_ylabel(dist, rotation=0, ha='right', va='center', fontsize=9)
         for ax in axes.flat:
             ax.set_xticks([])
@@ -238,7 +271,7 @@ def plot_rows(models, test_x8, out_dir):
         axes[0, 1].set_title('sample of p(x|z) (clipped to [0, 1])', fontsize=10)
         fig.suptitle('reconstructions at z = mu(x)' if recon else 'prior samples z ~ N(0, I)', fontsize=11)
         fig.tight_layout()
-        train.save_png(fig, os.path.join(out_dir, name))
+        utils.save_png(fig, os.path.join(out_dir, name))
 
 
 def print_tables(rows, bfs, notes):
@@ -275,15 +308,15 @@ def print_tables(rows, bfs, notes):
 
 
 def parse_args(argv=None):
-    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('runs', nargs='+', help='run directories holding model.pt and metrics.csv')
     p.add_argument('--data-dir', default='data')
     p.add_argument('--out', default='results')
-    p.add_argument('--k', type=train.number(int, 1), default=100, help='importance samples per image')
-    p.add_argument('--n-test', type=train.number(int, 1, 10000), default=10000)
-    p.add_argument('--n-curve', type=train.number(int, 1, 10000), default=1000,
+    p.add_argument('--k', type=number(int, 1, 100000), default=100, help='importance samples per image')
+    p.add_argument('--n-test', type=number(int, 1, 10000), default=10000)
+    p.add_argument('--n-curve', type=number(int, 1, 10000), default=1000,
                    help='images for the k-curve (k = 1, 10, 100, 1000)')
-    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
+    p.add_argument('--device', default='auto', choices=utils.DEVICES)
     return p.parse_args(argv)
 
 
@@ -298,24 +331,19 @@ def git_commit():
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    device = train.pick_device(args.device)
-    for run in args.runs:
-        if not os.path.isfile(os.path.join(run, 'model.pt')):
-            sys.exit(f'error: {run} has no model.pt (train it first: make compare trains every run)')
+    device = utils.pick_device(args.device)
+    runs = check_runs(args.runs, device)
+    utils.writable_dir(args.out, '--out')
     try:
         test_x8 = vae.load_mnist(args.data_dir)['test'][0]
     except vae.DataError as e:
         sys.exit(f'error: {e}')
-    os.makedirs(args.out, exist_ok=True)
     info = {'torch': str(torch.__version__), 'git_commit': git_commit(),
             'device': f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
             f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else device.type})'}
     rows, logp8, models, notes = [], [], {}, []
-    for run in args.runs:
-        try:
-            row, lp8, model = evaluate_run(run, test_x8, args, device)
-        except ValueError as e:
-            sys.exit(f'error: {e}')
+    for run, model, ckpt, seconds in runs:
+        row, lp8 = evaluate_run(model, ckpt, seconds, test_x8, args, device)
         rows.append({**row, **info})
         logp8.append(lp8)
         models.setdefault(row['dist'], model)
@@ -326,11 +354,11 @@ def main(argv=None):
               + f"; evaluated in {row['eval_seconds']:.0f} s", flush=True)
     summary = summarise(rows)
     bfs = bayes_factors(rows, logp8)
-    write_csv(rows, os.path.join(args.out, 'likelihoods.csv'), columns())
-    write_csv(summary, os.path.join(args.out, 'likelihoods_summary.csv'),
-              ['dist', 'n_seeds', 'scored_on'] + [f'{k}_{s}' for k in SUMMARY for s in ('mean', 'ci95_lo', 'ci95_hi')])
-    write_csv(bfs, os.path.join(args.out, 'bayes_factors.csv'),
-              ['seed', 'a', 'b', 'mean_log_bf_nats', 'stderr_nats', 'a_better_on_images'])
+    utils.write_csv(rows, os.path.join(args.out, 'likelihoods.csv'), columns())
+    utils.write_csv(summary, os.path.join(args.out, 'likelihoods_summary.csv'),
+                    ['dist', 'n_seeds', 'scored_on'] + [f'{k}_{s}' for k in SUMMARY for s in ('mean', 'ci95_lo', 'ci95_hi')])
+    utils.write_csv(bfs, os.path.join(args.out, 'bayes_factors.csv'),
+                    ['seed', 'a', 'b', 'mean_log_bf_nats', 'stderr_nats', 'a_better_on_images'])
     plot_results(rows, summary, os.path.join(args.out, 'likelihoods.png'))
     plot_rows(models, test_x8, args.out)
     print_tables(rows, bfs, notes)

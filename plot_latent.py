@@ -21,16 +21,20 @@ quantiles along those two directions and 0 along all others. The titles say so.
 With --all FILE: one figure instead, a panel per checkpoint on the same test images, each titled
 with the leave-one-out accuracy of a k-nearest-neighbour classifier (k = 5) on its 2-D points.
 """
-import argparse
-import math
-import os
-import sys
+import utils
+if __name__ == '__main__':
+    utils.one_line_errors()   # first: from here on Ctrl-C, a full disk or OOM is one line, not a traceback
 
-import torch
-from torch.distributions import Normal
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
-import train
-import vae
+import torch  # noqa: E402
+from torch.distributions import Normal  # noqa: E402
+
+import vae  # noqa: E402
+from utils import number  # noqa: E402
 
 KNN_K = 5
 
@@ -67,6 +71,19 @@ def plane(mu):
     explained = (s[:2] ** 2).sum() / (s ** 2).sum()
     return basis * sign, (f'latent dim {mu.shape[1]}: first two principal components of mu(x) '
                           f'({100 * explained:.0f}% of its variance)')
+
+
+def coordinates(mu, labels):
+    """What the figures show of the means mu (n, D): the points (n, 2), the basis (D, k) of the
+    manifold's k directions, the names of the two axes and a note on them (None for D = 2).
+    D = 2: the latent axes; D > 2: the first two principal components (plane); D = 1: mu against
+    the digit, jittered, so that the classes stand apart."""
+    if mu.shape[1] == 1:
+        jitter = torch.rand(len(labels), generator=torch.Generator().manual_seed(vae.EVAL_SEED)) - 0.5
+        return (torch.stack([mu[:, 0], labels.float() + 0.6 * jitter], 1), torch.ones(1, 1), ('z1', 'digit (jittered)'),
+                'latent dim 1: mu(x) against the digit, jittered vertically')
+    basis, note = plane(mu)
+    return mu @ basis, basis, ('PC 1', 'PC 2') if note else ('z1', 'z2'), note
 
 
 def manifold_latents(n, basis):
@@ -117,32 +134,38 @@ def scatter(ax, points, labels, title):
     ax.grid(alpha=0.3)
 
 
-def latent_figure(points, labels, title, pca):
+def latent_figure(points, labels, title, names):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 6.4))
     scatter(ax, points, labels, title)
-    ax.set_xlabel('PC 1 of mu(x)' if pca else 'z1 = mu_1(x)')
-    ax.set_ylabel('PC 2 of mu(x)' if pca else 'z2 = mu_2(x)')
+    ax.set_xlabel(f'{names[0]} of mu(x)')
+    ax.set_ylabel(names[1] if names[1].startswith('digit') else f'{names[1]} of mu(x)')
     ax.legend(title='digit', markerscale=3, fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
 
 
 @torch.inference_mode()
-def manifold_figure(model, basis, n, title, pca):
+def manifold_figure(model, basis, n, title, names):
+    """n x n decoder means over the prior's quantiles along the two basis directions, or one
+    row of n along a single direction (a 1-D latent)."""
     import matplotlib.pyplot as plt
     dev = next(model.parameters()).device
-    z = manifold_latents(n, basis).to(dev)                                   # (n*n, D)
-    imgs = torch.cat([model.lik.mean(model.decode(zb)) for zb in z.split(100)]).cpu()   # (n*n, 1, 28, 28)
-    canvas = imgs.view(n, n, 28, 28).permute(0, 2, 1, 3).reshape(n * 28, n * 28)
-    fig, ax = plt.subplots(figsize=(7.5, 8))
-    ax.imshow(canvas.clamp(0, 1).numpy(), cmap='gray', vmin=0, vmax=1)
     q = prior_quantiles(n)
+    rows = n if basis.shape[1] == 2 else 1
+    z = (manifold_latents(n, basis) if rows > 1 else q[:, None] @ basis.T).to(dev)   # (rows*n, D)
+    imgs = torch.cat([model.lik.mean(model.decode(zb)) for zb in z.split(100)]).cpu()   # (rows*n, 1, 28, 28)
+    canvas = imgs.view(rows, n, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, n * 28)
+    fig, ax = plt.subplots(figsize=(7.5, 8 if rows > 1 else 2.2))
+    ax.imshow(canvas.clamp(0, 1).numpy(), cmap='gray', vmin=0, vmax=1)
     ticks = list(range(0, n, max(1, n // 5))) + [n - 1]
     ax.set_xticks([28 * j + 13.5 for j in ticks], [f'{q[j]:.2f}' for j in ticks])
-    ax.set_yticks([28 * i + 13.5 for i in ticks], [f'{q[n - 1 - i]:.2f}' for i in ticks])
-    ax.set_xlabel('PC 1 direction' if pca else 'z1', fontsize=9)
-    ax.set_ylabel('PC 2 direction' if pca else 'z2', fontsize=9)
+    ax.set_xlabel(f'{names[0]} direction' if names[0].startswith('PC') else names[0], fontsize=9)
+    if rows > 1:
+        ax.set_yticks([28 * i + 13.5 for i in ticks], [f'{q[n - 1 - i]:.2f}' for i in ticks])
+        ax.set_ylabel(f'{names[1]} direction' if names[1].startswith('PC') else names[1], fontsize=9)
+    else:
+        ax.set_yticks([])
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -154,13 +177,13 @@ def all_figure(panels, labels, n):
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 0.6), squeeze=False)
-    for ax, (name, points, pca) in zip(axes.flat, panels):
-        acc = knn_accuracy(points, labels)
-        print(f'{name}: {KNN_K}-NN leave-one-out accuracy {acc:.3f}' + (' (first two PCs)' if pca else ''))
-        scatter(ax, points, labels, f'{name}{" (first two PCs)" if pca else ""}\n'
-                                    f'{KNN_K}-NN accuracy {100 * acc:.1f}% (leave-one-out)')
-        ax.set_xlabel('PC 1' if pca else 'z1', fontsize=8)
-        ax.set_ylabel('PC 2' if pca else 'z2', fontsize=8)
+    for ax, (name, points, names, note) in zip(axes.flat, panels):
+        acc = knn_accuracy(points, labels)   # for a 1-D latent: on (mu, digit) points, so on mu alone
+        where = '' if note is None else ' (1-D: mu vs digit)' if names[1].startswith('digit') else ' (first two PCs)'
+        print(f'{name}: {KNN_K}-NN leave-one-out accuracy {acc:.3f}{where}')
+        scatter(ax, points, labels, f'{name}{where}\n{KNN_K}-NN accuracy {100 * acc:.1f}% (leave-one-out)')
+        ax.set_xlabel(names[0], fontsize=8)
+        ax.set_ylabel(names[1], fontsize=8)
     for ax in axes.flat[len(panels):]:
         ax.axis('off')
     handles, names = axes.flat[0].get_legend_handles_labels()
@@ -171,7 +194,7 @@ def all_figure(panels, labels, n):
 
 
 def save(fig, path):
-    train.save_png(fig, path)
+    utils.save_png(fig, path)
     print(f'wrote {path}')
 
 
@@ -180,17 +203,17 @@ def save(fig, path):
 
 
 def parse_args(argv=None):
-    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', nargs='+', required=True, help="model.pt files (or run directories holding one)")
-    p.add_argument('--n', type=train.number(int, 10, 10000), default=1000, help='test images in the scatter')
+    p.add_argument('--n', type=number(int, 10, 10000), default=1000, help='test images in the scatter')
     p.add_argument('--out', default='results', help='directory for latent_<name>.png and manifold_<name>.png')
     p.add_argument('--all', metavar='FILE', help='draw one side-by-side figure of every --ckpt into FILE instead')
-    p.add_argument('--grid', type=train.number(int, 2, 50), default=20, help='manifold grid size')
-    p.add_argument('--k', type=train.number(int, 1), default=100, help='importance samples for the test NLL')
-    p.add_argument('--n-nll', type=train.number(int, 0, 10000), default=10000,
+    p.add_argument('--grid', type=number(int, 2, 50), default=20, help='manifold grid size')
+    p.add_argument('--k', type=number(int, 1, 100000), default=100, help='importance samples for the test NLL')
+    p.add_argument('--n-nll', type=number(int, 0, 10000), default=10000,
                    help='test images for the NLL in the title (0: skip it)')
     p.add_argument('--data-dir', default='data')
-    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
+    p.add_argument('--device', default='auto', choices=utils.DEVICES)
     return p.parse_args(argv)
 
 
@@ -199,7 +222,7 @@ def main(argv=None):
     args = parse_args(argv)
     import matplotlib
     matplotlib.use('Agg')
-    device = train.pick_device(args.device)
+    device = utils.pick_device(args.device)
     models = []
     for path in args.ckpt:
         path = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
@@ -212,23 +235,21 @@ def main(argv=None):
     except vae.DataError as e:
         sys.exit(f'error: {e}')
     labels = labels[:args.n]
-    outdir = os.path.dirname(args.all) if args.all else args.out
-    try:
-        os.makedirs(outdir or '.', exist_ok=True)
-    except OSError as e:
-        sys.exit(f'error: cannot write into {outdir}: {e.strerror}')
+    if args.all:      # checked (and made) only once the inputs are known to be good
+        utils.writable_dir(os.path.dirname(args.all) or '.', '--all')
+    else:
+        utils.writable_dir(args.out, '--out')
 
     figures, panels = {}, []
     for model, ckpt in models:
         a, name = ckpt['args'], run_name(model.lik, ckpt['args'])
         with torch.inference_mode():
             mu = model.encode(vae.eval_data(model.lik, x8[:args.n]).to(device))[0].cpu()   # (n, D)
-        basis, pca = plane(mu)
-        if pca:
-            print(f'{name}: {pca}; plotting those')
-        points = mu @ basis                                                               # (n, 2)
+        points, basis, names, note = coordinates(mu, labels)                              # (n, 2)
+        if note:
+            print(f'{name}: {note}')
         if args.all:
-            panels.append((name, points, pca))
+            panels.append((name, points, names, note))
             continue
         title = f"{a['dist']} likelihood, latent dim {a['latent_dim']}, epochs {a['epochs']} (best at {ckpt['epoch']})"
         if args.n_nll:
@@ -237,13 +258,15 @@ def main(argv=None):
             print(f'{name}: {line}')
             title += '\n' + line
         scatter_title = f'{title}\nencoder means mu(x) of the first {args.n} test digits'
-        manifold_title = f'{title}\ndecoder means on a {args.grid} x {args.grid} grid of N(0, 1) prior quantiles'
-        if pca:
-            scatter_title += f'\n{pca}'
+        shape = f'{args.grid} x {args.grid} grid' if basis.shape[1] == 2 else f'row of {args.grid}'
+        manifold_title = f'{title}\ndecoder means on a {shape} of N(0, 1) prior quantiles'
+        if note:
+            scatter_title += f'\n{note}'
+        if names[0] == 'PC 1':
             manifold_title += '\nalong the first two principal directions of mu(x), 0 along the others'
-        figures[os.path.join(args.out, f'latent_{name}.png')] = latent_figure(points, labels, scatter_title, pca)
+        figures[os.path.join(args.out, f'latent_{name}.png')] = latent_figure(points, labels, scatter_title, names)
         figures[os.path.join(args.out, f'manifold_{name}.png')] = manifold_figure(
-            model, basis, args.grid, manifold_title, pca)
+            model, basis, args.grid, manifold_title, names)
     if args.all:
         figures[args.all] = all_figure(panels, labels, args.n)
     for path, fig in figures.items():

@@ -15,6 +15,7 @@ from torch.distributions import (Bernoulli, Beta, Categorical, ContinuousBernoul
                                  Normal, kl_divergence)
 
 import train
+import utils
 import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -474,7 +475,7 @@ def test_missing_data_gives_one_line(tmp_path, monkeypatch):
     msg = str(e.value.code)
     assert msg.startswith('error: ') and '\n' not in msg
     assert all(f in msg for f in vae.MNIST_FILES) and str(tmp_path / 'MNIST' / 'raw') in msg
-    assert not (tmp_path / 'run').exists()
+    assert not (tmp_path / 'run').exists() and os.listdir(tmp_path) == []   # no MNIST/raw/ left behind
 
 
 def damaged_mnist(tmp_path, mnist_dir, how):
@@ -484,15 +485,20 @@ def damaged_mnist(tmp_path, mnist_dir, how):
         (root / 'MNIST' / 'raw' / f).write_bytes((Path(mnist_dir) / 'MNIST' / 'raw' / f).read_bytes())
     images = root / 'MNIST' / 'raw' / 'train-images-idx3-ubyte'
     size = images.stat().st_size
-    images.write_bytes(images.read_bytes()[:size // 3] if how == 'truncated'
-                       else torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes())
+    if how == 'truncated':
+        images.write_bytes(images.read_bytes()[:size // 3])
+    elif how == 'corrupt':      # a valid header, random pixels: it parses, and would train silently
+        images.write_bytes(images.read_bytes()[:16] + torch.randint(0, 256, (size - 16,), dtype=torch.uint8).numpy().tobytes())
+    else:                       # unreadable: a directory where the file should be
+        images.unlink()
+        images.mkdir()
     return str(root)
 
 
 BAD_INPUT = {   # case: (flags, what the one line must say)
     'unknown dist': (['--dist', 'poisson'], "invalid choice: 'poisson'"),
-    'epochs 0': (['--epochs', '0'], '--epochs: 0 is outside [1, inf)'),
-    'epochs negative': (['--epochs', '-3'], '--epochs: -3 is outside [1, inf)'),
+    'epochs 0': (['--epochs', '0'], '--epochs: 0 is outside [1, 100000]'),
+    'epochs negative': (['--epochs', '-3'], '--epochs: -3 is outside [1, 100000]'),
     'batch size 0': (['--batch-size', '0'], '--batch-size: 0 is outside'),
     'batch size negative': (['--batch-size', '-256'], '--batch-size: -256 is outside'),
     'latent dim 0': (['--latent-dim', '0'], '--latent-dim: 0 is outside'),
@@ -501,14 +507,26 @@ BAD_INPUT = {   # case: (flags, what the one line must say)
     'samples negative': (['--samples', '-1'], '--samples: -1 is outside'),
     'bins 1': (['--bins', '1'], '--bins: 1 is outside [2, 256]'),
     'bins 257': (['--bins', '257'], '--bins: 257 is outside [2, 256]'),
-    'sigma 0': (['--sigma', '0'], '--sigma: 0.0 is outside (0, inf)'),
-    'sigma negative': (['--sigma', '-0.1'], '--sigma: -0.1 is outside (0, inf)'),
+    'sigma 0': (['--sigma', '0'], '--sigma: 0.0 is outside [0.001, 1000.0]'),
+    'sigma negative': (['--sigma', '-0.1'], '--sigma: -0.1 is outside [0.001, 1000.0]'),
+    'sigma nan': (['--sigma', 'nan'], "--sigma: expected a finite number, got 'nan'"),
+    'lr nan': (['--lr', 'nan'], "--lr: expected a finite number, got 'nan'"),
+    'lr inf': (['--lr', 'inf'], "--lr: expected a finite number, got 'inf'"),
+    'lr overflows': (['--lr', '1e400'], "--lr: expected a finite number, got '1e400'"),
+    'lr too large': (['--lr', '5'], '--lr: 5.0 is outside (0, 1]'),
+    'kl weight inf': (['--kl-weight=-inf'], "--kl-weight: expected a finite number, got '-inf'"),
+    'kl weight huge': (['--kl-weight', '1e300'], '--kl-weight: 1e+300 is outside [0, 1000000.0]'),
+    'seed negative': (['--seed', '-1'], '--seed: -1 is outside'),
+    'seed too large': (['--seed', str(2 ** 64)], '--seed: 18446744073709551616 is outside'),
+    'latent dim huge': (['--latent-dim', '1000000000000'], '--latent-dim: 1000000000000 is outside [1, 4096]'),
     'data dir missing': (['--data-dir', '{tmp}/nowhere'], 'could not load or download MNIST'),
-    'MNIST truncated': (['--data-dir', '{truncated}'], 'truncated or damaged'),
-    'MNIST corrupt': (['--data-dir', '{corrupt}'], 'truncated or damaged'),
+    'MNIST truncated': (['--data-dir', '{truncated}'], 'train-images-idx3-ubyte is not the original MNIST file'),
+    'MNIST random pixels': (['--data-dir', '{corrupt}'], 'train-images-idx3-ubyte is not the original MNIST file'),
+    'MNIST unreadable': (['--data-dir', '{unreadable}'], 'cannot read'),
     'out-dir is a file': (['--out-dir', '{tmp}/a-file'], 'is a file, not a directory'),
-    'out-dir not writable': (['--out-dir', '{readonly}/run'], 'cannot create --out-dir'),
+    'out-dir not writable': (['--out-dir', '{readonly}/run'], '--out-dir {readonly}/run: cannot write there'),
     'resume without last.pt': (['--resume'], 'last.pt to resume from'),
+    'resume and overwrite': (['--resume', '--overwrite'], 'choose one'),
 }
 
 
@@ -524,14 +542,15 @@ def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, mnist_dir,
     if readonly != '/sys':
         (tmp_path / 'readonly').mkdir(mode=0o500)
     names = {'tmp': tmp_path, 'readonly': readonly,
-             'truncated': damaged_mnist(tmp_path / 't', mnist_dir, 'truncated') if 'truncated' in case else '',
-             'corrupt': damaged_mnist(tmp_path / 'c', mnist_dir, 'corrupt') if 'corrupt' in case else ''}
+             **{how: damaged_mnist(tmp_path / how, mnist_dir, how) if case.startswith('MNIST') else ''
+                for how in ('truncated', 'corrupt', 'unreadable')}}
     argv = ['--data-dir', mnist_dir, '--out-dir', str(tmp_path / 'run'), '--epochs', '1', '--subset', '128']
     argv += [f.format(**names) for f in flags]
     with pytest.raises(SystemExit) as e:
         train.train(train.parse_args(argv))
     code, err = e.value.code, capsys.readouterr().err
     msg = code if isinstance(code, str) else err.rstrip('\n')      # sys.exit('...') prints it, exit status 1
+    says = says.format(**names)
     assert code != 0 and msg.count('\n') == 0 and 'error: ' in msg and says in msg, msg
     assert not (tmp_path / 'run').exists() and (tmp_path / 'a-file').read_text() == 'keep me'
 
@@ -659,20 +678,18 @@ def test_a_run_killed_mid_epoch_and_resumed_matches_the_uninterrupted_run(refere
 
 def test_a_kill_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, monkeypatch):
     path = str(tmp_path / 'model.pt')
-    train.atomic_save({'w': torch.zeros(1000)}, path)
+    utils.save_torch({'w': torch.zeros(1000)}, path)
     real_save = torch.save
 
     def killed_halfway(obj, f):         # writes half of the file, then the process "dies"
         real_save(obj, f)
-        with open(f, 'r+b') as fh:
-            fh.truncate(os.path.getsize(f) // 2)
+        f.truncate(f.tell() // 2)
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'save', killed_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({'w': torch.ones(1000)}, path)
+        utils.save_torch({'w': torch.ones(1000)}, path)
     assert torch.equal(torch.load(path, weights_only=True)['w'], torch.zeros(1000))
-    with pytest.raises(Exception):      # what a direct write would have left behind
-        torch.load(path + '.tmp', weights_only=True)
+    assert os.listdir(tmp_path) == ['model.pt']          # the half-written temporary file is gone
 
 
 def test_resume_needs_last_pt_and_the_same_flags(reference_run, tmp_path, mnist_dir):
@@ -920,7 +937,8 @@ def test_plot_latent_on_tiny_checkpoints(tiny_runs, mnist_dir, tmp_path):
     for d, c in enumerate(ax.collections):
         torch.testing.assert_close(torch.tensor(c.get_offsets().data).float(), mu[labels[:n] == d], rtol=0, atol=1e-6)
     # the title's NLL is the comparison's number for the same k and images
-    row = cmp.evaluate_run(tiny_runs[0], x8, argparse.Namespace(k=3, n_test=40, n_curve=1), torch.device('cpu'))[0]
+    (_, model, ckpt, seconds), = cmp.check_runs(tiny_runs[:1], torch.device('cpu'))
+    row = cmp.evaluate_run(model, ckpt, seconds, x8, argparse.Namespace(k=3, n_test=40, n_curve=1), torch.device('cpu'))[0]
     title = ax.get_title()
     assert 'categorical likelihood' in title and f"test NLL {row['nll_8bit_nats']:.1f} " in title
     assert f"= {row['bits_per_dim']:.3f} bits/dim" in title
@@ -979,6 +997,230 @@ def test_plot_latent_bad_checkpoint_is_one_line(tmp_path, kind, says):
 
 
 
+# -----------------------------------------------------------------------------
+# reliability: one owner per run directory, no stale model, one-line errors everywhere
+
+
+def snapshot(run):
+    """Every file of a run directory and its bytes (the lock file aside)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(run).iterdir()) if p.name != '.lock'}
+
+
+@pytest.fixture
+def finished_run(reference_run, tmp_path):
+    """A copy of the finished 2-epoch reference run, and its files' bytes."""
+    import shutil
+    run = tmp_path / 'finished'
+    shutil.copytree(reference_run, run, ignore=shutil.ignore_patterns('.lock'))
+    return run, snapshot(run)
+
+
+def one_line_failure(r, says):
+    """A finished subprocess failed with exactly one line on stderr that says `says`."""
+    assert r.returncode != 0 and r.stderr.count('\n') == 1 and says in r.stderr, r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def with_patch(patch, script, *args):
+    """Run script as __main__ in a fresh python after the code `patch` (a monkeypatch)."""
+    code = f'import runpy, sys\n{patch}\nsys.argv = {[script, *args]!r}\nrunpy.run_path({script!r}, run_name="__main__")'
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=HERE)
+
+
+def test_a_new_run_never_replaces_a_finished_one_unless_told(finished_run, mnist_dir, capsys, monkeypatch):
+    """Without --resume a run in a directory holding one is refused; a new run that fails (bad
+    data here) leaves it byte-identical; --overwrite deletes model.pt before anything is written,
+    so an interrupted overwrite never leaves the old model looking current."""
+    run, before = finished_run
+    for extra, says in [([], 'holds a run (model.pt, last.pt, metrics.csv'),
+                        (['--data-dir', str(run / 'nowhere'), '--overwrite'], 'could not load or download MNIST'),
+                        (['--overwrite', '--lr', 'nan'], None)]:
+        with pytest.raises(SystemExit) as e:
+            train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(run), *TINY, *extra]))
+        assert e.value.code != 0 and (says is None or says in str(e.value.code)) and snapshot(run) == before
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'train_epoch', interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(run), *TINY, '--overwrite']))
+    assert e.value.code == 130 and not (run / 'model.pt').exists() and not (run / 'metrics.csv').exists()
+    assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 0          # the new run's, not the old one's
+
+
+def test_a_run_in_a_finished_run_dir_is_refused_in_one_line(finished_run, mnist_dir):
+    run, before = finished_run
+    r = subprocess.run(train_cmd(run, mnist_dir), capture_output=True, text=True, timeout=300)
+    one_line_failure(r, f'--out-dir {run} holds a run (model.pt, last.pt, metrics.csv')
+    assert '--resume' in r.stderr and '--overwrite' in r.stderr and snapshot(run) == before
+
+
+def test_a_second_process_in_the_same_out_dir_is_refused(tmp_path, mnist_dir):
+    """Two real processes: while one trains, another with the same --out-dir (and any flags) is
+    refused in one line naming the first; the first finishes untouched."""
+    import time
+    out = tmp_path / 'run'
+    p = subprocess.Popen(train_cmd(out, mnist_dir, '--epochs', '100000'), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / 'last.pt').exists():
+            assert p.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        for extra in ([], ['--overwrite'], ['--resume'], ['--lr', '0.01', '--overwrite']):
+            r = subprocess.run(train_cmd(out, mnist_dir, *extra), capture_output=True, text=True, timeout=300)
+            one_line_failure(r, f'is in use by train.py (pid {p.pid})')
+        assert p.poll() is None                               # the first one is still training
+        assert torch.load(out / 'last.pt', weights_only=True)['args']['lr'] == 1e-3
+    finally:
+        p.kill()
+        p.wait()
+    assert utils.lock_holder(str(out)) == ''                  # released by the OS with the process
+
+
+def test_concurrent_atomic_writes_to_one_path_never_collide(tmp_path):
+    """Temporary files have unique names: eight threads writing one path all succeed, and the
+    file is one of the complete versions, with no temporary file left."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = str(tmp_path / 'metrics.csv')
+    rows = [[{'a': i, 'b': 'x' * 10000}] for i in range(8)]
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda r: utils.write_csv(r * 50, path, ['a', 'b']), rows))
+    got = list(csv.DictReader(open(path)))
+    assert len(got) == 50 and len({r['a'] for r in got}) == 1 and os.listdir(tmp_path) == ['metrics.csv']
+
+
+def test_resume_on_another_kind_of_device_says_so_and_finishes(tmp_path, mnist_dir):
+    """A last.pt whose shuffling generator was a CUDA one (its state cannot enter a CPU
+    generator) resumes on the CPU with a one-line note instead of crashing."""
+    out = tmp_path / 'run'
+    r = subprocess.run(train_cmd(out, mnist_dir, '--epochs', '1'), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    state = torch.load(out / 'last.pt', weights_only=True)
+    state['rng']['device'], state['rng']['generator'] = 'cuda', torch.zeros(16, dtype=torch.uint8)  # a CUDA state
+    torch.save(state, out / 'last.pt')
+    r = subprocess.run(train_cmd(out, mnist_dir, '--epochs', '2', '--resume'), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if line.startswith('note: last.pt was saved on cuda')]
+    assert len(notes) == 1 and 'differ from an uninterrupted run' in notes[0] and len(metric_values(out)) == 2
+
+
+FAILURES = {   # a patch that makes the resumed run fail as a machine would, and what the one line says
+    'disk full': ('import errno, utils\nreal = utils.write_atomic\n'
+                  'def full(path, write, text=False):\n'
+                  '    def half(f):\n'
+                  '        f.write("x" * 1000 if text else b"x" * 1000)\n'
+                  '        raise OSError(errno.ENOSPC, "No space left on device")\n'
+                  '    real(path, half, text)\n'
+                  'utils.write_atomic = full', 'error: No space left on device: {run}/metrics.csv'),
+    'CUDA out of memory': ('import torch, vae\n'
+                           'def oom(*a, **k):\n'
+                           '    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")\n'
+                           'vae.elbo_terms = oom', 'error: out of memory (CUDA out of memory. Tried to allocate'),
+    'CPU out of memory': ('import vae\n'
+                          'def oom(*a, **k):\n'
+                          '    raise RuntimeError("DefaultCPUAllocator: can\'t allocate memory: you tried to allocate 1 GB")\n'
+                          'vae.elbo_terms = oom', "error: out of memory (DefaultCPUAllocator: can't allocate memory"),
+}
+
+
+@pytest.mark.parametrize('case', list(FAILURES))
+def test_a_failing_machine_gives_one_line_and_keeps_the_finished_run(finished_run, mnist_dir, case):
+    """A finished run continued with --resume on a disk that fills up halfway through every file,
+    or out of memory: one line, exit 1, the run's files byte-identical, no temporary file left."""
+    run, before = finished_run
+    patch, says = FAILURES[case]
+    r = with_patch(patch, 'train.py', '--data-dir', mnist_dir, '--out-dir', str(run), *TINY, '--epochs', '3',
+                   '--resume')
+    one_line_failure(r, says.format(run=run))
+    assert r.returncode == 1 and snapshot(run) == before
+
+
+@pytest.mark.parametrize('script,args', [
+    ('compare_likelihoods.py', ['{run}', '--out', '{out}']),
+    ('plot_latent.py', ['--ckpt', '{run}', '--out', '{out}']),
+    ('plot_latent.py', ['--ckpt', '{run}', '--all', '{out}/all.png']),
+    ('bench.py', ['--out', '{out}/bench.csv', '--dists', 'bernoulli']),
+])
+def test_an_unwritable_output_is_refused_before_the_long_work(reference_run, tmp_path, mnist_dir, script, args):
+    out = '/sys/results' if os.geteuid() == 0 else str(tmp_path / 'readonly' / 'results')   # root ignores permissions
+    if os.geteuid() != 0:
+        (tmp_path / 'readonly').mkdir(mode=0o500)
+    r = subprocess.run([sys.executable, script, *[a.format(run=reference_run, out=out) for a in args],
+                        '--data-dir', mnist_dir], capture_output=True, text=True, timeout=120, cwd=HERE)
+    one_line_failure(r, 'cannot write there')
+    assert 'evaluated' not in r.stdout and 'wrote' not in r.stdout
+
+
+@pytest.mark.parametrize('delay', [0.3, 1.2, 2.5])
+def test_ctrl_c_twice_at_any_moment_is_one_line(tmp_path, mnist_dir, delay):
+    """Ctrl-C twice in a row during the imports (0.3 s), then later (data loading, set-up or the
+    first epoch, depending on the machine): exit status 130, no traceback, one line (or the
+    training loop's resume hint), and no model.pt."""
+    import signal
+    import time
+    p = subprocess.Popen(train_cmd(tmp_path / 'run', mnist_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and 'Traceback' not in err and not (tmp_path / 'run' / 'model.pt').exists(), err
+    assert len(err.strip().splitlines()) <= 3, err    # 'interrupted', or the loop's resume hint
+
+
+def compare_err(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cmp.main(argv)
+    out = capsys.readouterr().out
+    assert 'evaluated in' not in out, out          # refused before any run was evaluated
+    return str(e.value.code)
+
+
+def test_compare_checks_every_run_before_evaluating_any(tiny_runs, tmp_path, mnist_dir, capsys):
+    import shutil
+    flags = ['--data-dir', mnist_dir, '--out', str(tmp_path / 'res'), '--k', '2', '--n-test', '8', '--n-curve', '1']
+    copies = {}
+    for name in ('no-metrics', 'garbage-metrics', 'short-metrics', 'bad-model'):
+        copies[name] = tmp_path / name
+        shutil.copytree(tiny_runs[1], copies[name], ignore=shutil.ignore_patterns('.lock'))
+    (copies['no-metrics'] / 'metrics.csv').unlink()
+    (copies['garbage-metrics'] / 'metrics.csv').write_text('hello,world\n1,2\n')
+    (copies['short-metrics'] / 'metrics.csv').write_text('epoch,seconds\n')
+    (copies['bad-model'] / 'model.pt').write_text('not a checkpoint\n')
+    cases = {'no-metrics': 'cannot read', 'garbage-metrics': 'is not a metrics.csv written by train.py',
+             'short-metrics': 'holds 0 valid epochs of the 1', 'bad-model': 'not a readable PyTorch file'}
+    for name, says in cases.items():     # the bad run last: found before the good one is evaluated
+        msg = compare_err(capsys, [tiny_runs[0], str(copies[name]), *flags])
+        assert msg.startswith('error: ') and str(copies[name]) in msg and says in msg and '\n' not in msg, msg
+    msg = compare_err(capsys, [tiny_runs[0], tiny_runs[0] + '/', *flags])
+    assert 'is named twice' in msg
+    shutil.copytree(tiny_runs[0], tmp_path / 'copy', ignore=shutil.ignore_patterns('.lock'))
+    msg = compare_err(capsys, [tiny_runs[0], str(tmp_path / 'copy'), *flags])
+    assert 'hold the same model (categorical-K16, latent dim 2, seed 0)' in msg and 'two seeds' in msg
+    assert not (tmp_path / 'res').exists()
+
+
+def test_plot_latent_draws_a_one_dimensional_latent(tmp_path, mnist_dir):
+    run = tmp_path / 'z1'
+    train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(run), '--subset', '256',
+                                  '--epochs', '1', '--latent-dim', '1']))
+    figs = plot_latent.main(['--ckpt', str(run), '--n', '200', '--out', str(tmp_path), '--data-dir', mnist_dir,
+                             '--n-nll', '20', '--k', '2', '--grid', '6'])
+    ax = figs[str(tmp_path / 'latent_bernoulli-z1.png')].axes[0]
+    assert 'latent dim 1: mu(x) against the digit' in ax.get_title() and ax.get_ylabel() == 'digit (jittered)'
+    points = torch.tensor([xy for c in ax.collections for xy in c.get_offsets().tolist()])
+    assert len(points) == 200 and (points[:, 1] - points[:, 1].round()).abs().max() <= 0.3
+    img = figs[str(tmp_path / 'manifold_bernoulli-z1.png')].axes[0].get_images()[0].get_array()
+    assert img.shape == (28, 6 * 28)                                   # one row of 6 decoder means
+    figs = plot_latent.main(['--ckpt', str(run), '--n', '200', '--all', str(tmp_path / 'all.png'),
+                             '--data-dir', mnist_dir])
+    assert '1-D: mu vs digit' in figs[str(tmp_path / 'all.png')].axes[0].get_title()
+
+
 FAKE_PYTHON = """#!/bin/sh
 echo "$@" >> calls.txt
 case "$1" in
@@ -1029,7 +1271,7 @@ def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
     (tmp_path / 'train.py').touch()                                   # the code changed
     assert subprocess.run(make, cwd=tmp_path, capture_output=True, timeout=60).returncode == 0
     calls = (tmp_path / 'calls.txt').read_text().splitlines()
-    assert len(calls) == 2 and calls[0].endswith('--resume') and '--resume' not in calls[1]
+    assert len(calls) == 2 and calls[0].endswith('--resume') and calls[1].endswith('--overwrite')
 
 
 # -----------------------------------------------------------------------------

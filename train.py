@@ -7,71 +7,58 @@ by validation ELBO), metrics.csv (one row per epoch), reconstructions.png, sampl
 All numbers are nats per image; the ELBO always uses the normalised log-density and KL
 weight 1, whatever objective (--kl-weight, MSE form) was optimised.
 """
-import argparse
-import csv
-import math
-import os
-import random
-import shlex
-import signal
-import sys
-import time
+import utils
+if __name__ == '__main__':
+    utils.one_line_errors()   # first: from here on Ctrl-C, a full disk or OOM is one line, not a traceback
 
-import torch
-from tqdm import tqdm
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-import vae
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import vae  # noqa: E402
+from utils import number  # noqa: E402
 
 METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats',
            'val_elbo_nats', 'val_recon_nats', 'val_kl_nats']
+RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 
 # -----------------------------------------------------------------------------
 # helpers
 
 
-def number(kind, low=None, high=None, low_open=False):
-    """argparse type: kind (int/float) within [low, high] (or (low, high] if low_open)."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
-            rng = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
-            raise argparse.ArgumentTypeError(f"{v} is outside {rng}")
-        return v
-    return parse
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit status 2), not the usage block."""
-    def error(self, message):
-        self.exit(2, f'{self.prog}: error: {message} (--help lists the flags)\n')
-
-
 def make_parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dist', default='bernoulli', choices=list(vae.LIKELIHOODS), help='likelihood p(x|z)')
-    p.add_argument('--latent-dim', type=number(int, 1), default=32)
-    p.add_argument('--epochs', type=number(int, 1), default=20)
-    p.add_argument('--batch-size', type=number(int, 1), default=256)
-    p.add_argument('--lr', type=number(float, 0, low_open=True), default=1e-3)
-    p.add_argument('--samples', type=number(int, 1), default=1,
+    p.add_argument('--latent-dim', type=number(int, 1, 4096), default=32)
+    p.add_argument('--epochs', type=number(int, 1, 100000), default=20)
+    p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
+    p.add_argument('--lr', type=number(float, 0, 1, low_open=True), default=1e-3)
+    p.add_argument('--samples', type=number(int, 1, 1000), default=1,
                    help='L: Monte-Carlo samples of z per image for the reconstruction term')
-    p.add_argument('--kl-weight', type=number(float, 0), default=None,
+    p.add_argument('--kl-weight', type=number(float, 0, 1e6), default=None,
                    help='weight of the KL in the training loss (default 1; sigma^2/784 for '
                         'gaussian-fixed, which makes its MSE-form loss the exact negative ELBO up to scale)')
-    p.add_argument('--sigma', type=number(float, 0, low_open=True), default=0.1,
+    p.add_argument('--sigma', type=number(float, 1e-3, 1e3), default=0.1,
                    help='gaussian-fixed: the fixed std, beta^(-1/2)')
     p.add_argument('--bins', type=number(int, 2, 256), default=256, help='categorical: number of levels K')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
+    p.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1), default=0)
+    p.add_argument('--device', default='auto', choices=utils.DEVICES)
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/ (downloaded there if missing)')
     p.add_argument('--out-dir', default=None, help='default: runs/<dist>-z<latent>-s<seed>')
     p.add_argument('--subset', type=number(int, 1, 50000), default=None,
                    help='train on the first N training images only (quick runs)')
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out-dir from its last.pt (same flags; --epochs may grow)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start over in an --out-dir that holds a run, deleting that run first')
     return p
 
 
@@ -80,45 +67,6 @@ def parse_args(argv=None):
     if args.out_dir is None:
         args.out_dir = os.path.join('runs', f'{args.dist}-z{args.latent_dim}-s{args.seed}')
     return args
-
-
-def pick_device(name):
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        sys.exit('error: --device cuda, but CUDA is not available here (use --device auto or cpu)')
-    if name == 'mps' and not torch.backends.mps.is_available():
-        sys.exit('error: --device mps, but MPS is not available here (use --device auto or cpu)')
-    return torch.device(name)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, then rename into place."""
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_png(fig, path, **kw):
-    """fig.savefig to a temporary file in the same directory, then rename into place; close fig."""
-    import matplotlib.pyplot as plt
-    tmp = path + '.tmp'
-    fig.savefig(tmp, format='png', dpi=100, **kw)
-    os.replace(tmp, path)
-    plt.close(fig)
-
-
-def write_metrics(rows, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=METRICS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 @torch.inference_mode()
@@ -140,11 +88,6 @@ def evaluate(model, x, batch_size=250):
 # figures
 
 
-def grid(imgs, nrow):
-    from torchvision.utils import make_grid
-    return make_grid(imgs.clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=0.5)[0].numpy()
-
-
 @torch.inference_mode()
 def save_figures(model, test_x, out_dir, title):
     """reconstructions.png: test digits, the decoder mean and a sample of p(x|z) at z = mu(x);
@@ -161,49 +104,64 @@ def save_figures(model, test_x, out_dir, title):
             ('sample of p(x|z)', lik.sample(h))]
     fig, axes = plt.subplots(3, 1, figsize=(10, 3.6))
     for ax, (name, imgs) in zip(axes, rows):
-        ax.imshow(grid(imgs, 16), cmap='gray', vmin=0, vmax=1)
+        ax.imshow(utils.grid(imgs, 16), cmap='gray', vmin=0, vmax=1)
         ax.set_title(name, fontsize=10)
         ax.axis('off')
     fig.suptitle(f'{title}: reconstructions at z = mu(x)')
-    save_png(fig, os.path.join(out_dir, 'reconstructions.png'), bbox_inches='tight')
+    utils.save_png(fig, os.path.join(out_dir, 'reconstructions.png'), bbox_inches='tight')
 
     z = torch.randn(64, model.latent_dim, generator=gen, device=test_x.device)
     h = model.decode(z)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     for ax, (name, imgs) in zip(axes, [('decoder mean', lik.mean(h)), ('sample of p(x|z)', lik.sample(h))]):
-        ax.imshow(grid(imgs, 8), cmap='gray', vmin=0, vmax=1)
+        ax.imshow(utils.grid(imgs, 8), cmap='gray', vmin=0, vmax=1)
         ax.set_title(name + ' (clipped to [0, 1])' * lik.clipped)
         ax.axis('off')
     fig.suptitle(f'{title}: 64 prior samples z ~ N(0, I)')
-    save_png(fig, os.path.join(out_dir, 'samples.png'), bbox_inches='tight')
+    utils.save_png(fig, os.path.join(out_dir, 'samples.png'), bbox_inches='tight')
 
 
 # -----------------------------------------------------------------------------
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-RESUME_MAY_CHANGE = ('epochs', 'device', 'data_dir', 'out_dir', 'resume')  # all other flags must match
+RESUME_MAY_CHANGE = ('epochs', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite')  # all other flags must match
 
 
 def command(args):
     """The command line that resumes this run: train.py with every flag not at its default."""
     p = make_parser()
     flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-             if k != 'resume' and v != p.get_default(k)]
+             if k not in ('resume', 'overwrite') and v != p.get_default(k)]
     return ' '.join(['python train.py'] + flags + ['--resume'])
 
 
 def rng_states(gen):
-    return {'torch': torch.get_rng_state(), 'generator': gen.get_state(), 'python': random.getstate(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {'torch': torch.get_rng_state(), 'generator': gen.get_state(), 'device': gen.device.type,
+            'python': random.getstate(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_states(states, gen):
+def set_rng_states(states, gen, seed, epoch):
+    """Restore rng_states. A generator (or CUDA state) saved on another kind of device cannot be
+    restored here: it is reseeded from (seed, epoch) instead, and the returned note says that
+    the data order and noise from here on differ from an uninterrupted run (else None)."""
     torch.set_rng_state(states['torch'])
-    gen.set_state(states['generator'])
     random.setstate(states['python'])
-    if states['cuda']:
+    same = states.get('device', gen.device.type) == gen.device.type
+    if same:
+        try:
+            gen.set_state(states['generator'])
+        except RuntimeError:
+            same = False
+    if not same:
+        gen.manual_seed((seed * 1_000_003 + epoch) % 2 ** 63)
+    if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states['cuda'])
+    elif gen.device.type == 'cuda':          # a CUDA run's noise comes from the CUDA state
+        same = False
+    return None if same else (f"note: last.pt was saved on {states.get('device', 'another device')}, this run is on "
+                              f"{gen.device.type}: the model and optimiser continue exactly, but the data order "
+                              f"and noise from here on differ from an uninterrupted run")
 
 
 def load_last(args):
@@ -223,10 +181,6 @@ def load_last(args):
             sys.exit(f'error: --resume: {path} was written with {flag} {v}, this run has {flag} '
                      f'{getattr(args, k, None)}; resume with the same flags or use another --out-dir')
     return state
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 # -----------------------------------------------------------------------------
@@ -278,27 +232,51 @@ def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, des
     return loss_sum / n, elbo_sum / n
 
 
-def prepare_out_dir(path):
-    if os.path.exists(path) and not os.path.isdir(path):
-        sys.exit(f'error: --out-dir {path} is a file, not a directory')
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        sys.exit(f'error: cannot create --out-dir {path}: {e.strerror}')
-    if not os.access(path, os.W_OK | os.X_OK):
-        sys.exit(f'error: --out-dir {path} is not writable')
+def existing_run(args, locked=False):
+    """The files of a run (finished or interrupted) already in --out-dir that this run replaces:
+    without --resume there must be none, unless --overwrite says to delete them. Unless this
+    process holds the lock (locked), no other process may be using --out-dir."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        sys.exit(f'error: --out-dir {args.out_dir} is a file, not a directory')
+    holder = utils.lock_holder(args.out_dir) if os.path.isdir(args.out_dir) and not locked else ''
+    if holder:
+        sys.exit(f'error: --out-dir {args.out_dir} is in use by {holder}; wait for it to end or use another --out-dir')
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out_dir, f))]
+    if held and not args.resume and not args.overwrite:
+        sys.exit(f"error: --out-dir {args.out_dir} holds a run ({', '.join(held)}): --resume continues it, "
+                 f"--overwrite deletes it and starts over, or choose another --out-dir")
+    return [] if args.resume else held
 
 
 def train(args):
-    """Train, writing last.pt and metrics.csv every epoch and model.pt (the best epoch by
-    validation ELBO) at the end; Ctrl-C, SIGTERM or a kill leave last.pt for --resume."""
-    device = pick_device(args.device)
+    """Check everything before writing anything (flags, data, a run already in --out-dir), then
+    fit() while this process holds --out-dir's lock."""
+    if args.resume and args.overwrite:
+        sys.exit('error: --resume continues the run in --out-dir, --overwrite deletes it: choose one')
+    device = utils.pick_device(args.device)
+    existing_run(args)                    # refused before anything is loaded or written
     state = load_last(args) if args.resume else None
     try:
         data = vae.load_mnist(args.data_dir)
     except vae.DataError as e:
         sys.exit(f'error: {e}')
-    prepare_out_dir(args.out_dir)
+    utils.writable_dir(args.out_dir, '--out-dir')
+    lock = utils.lock_dir(args.out_dir)   # this process owns --out-dir until train() returns
+    try:
+        old_run = existing_run(args, locked=True)   # again, now that no other process can change it
+        for f in old_run:   # --overwrite, all checks passed; model.pt first, so it never outlives its run
+            os.remove(os.path.join(args.out_dir, f))
+        if old_run:
+            print(f"--overwrite: deleted {', '.join(old_run)} in {args.out_dir}")
+        fit(args, device, data, state)
+    finally:
+        lock.close()
+
+
+def fit(args, device, data, state=None):
+    """Train from scratch or from a last.pt state, writing last.pt and metrics.csv every epoch
+    and model.pt (the best epoch by validation ELBO) at the end; Ctrl-C, SIGTERM or a kill
+    leave last.pt for --resume."""
     torch.manual_seed(args.seed)
     model = vae.build(vars(args)).to(device)
     lik = model.lik
@@ -308,29 +286,44 @@ def train(args):
     test_x = vae.eval_data(lik, data['test'][0])[:16].to(device)  # as the whole test set is fixed
     gen = torch.Generator(device).manual_seed(args.seed)    # shuffling and data noise
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    ckpt_path, last_path = os.path.join(args.out_dir, 'model.pt'), os.path.join(args.out_dir, 'last.pt')
+    ckpt_path = os.path.join(args.out_dir, 'model.pt')
+    last_path = os.path.join(args.out_dir, 'last.pt')
     title = f'{args.dist}, latent dim {args.latent_dim}'
-    n, rows, best, best_epoch, best_state, done = train_x8.shape[0], [], -math.inf, None, None, 0
+    n = train_x8.shape[0]
+    rows = []
+    best = -math.inf
+    best_epoch = None
+    best_state = None
+    done = 0
 
     def save_last():
-        atomic_save({'format': LAST_FORMAT, 'args': vars(args), 'epoch': done, 'state_dict': model.state_dict(),
-                     'optimizer': opt.state_dict(), 'rng': rng_states(gen), 'rows': rows, 'best': best,
-                     'best_epoch': best_epoch, 'best_state': best_state}, last_path)
+        utils.save_torch({
+            'format': LAST_FORMAT,
+            'args': vars(args),
+            'epoch': done,
+            'state_dict': model.state_dict(),
+            'optimizer': opt.state_dict(),
+            'rng': rng_states(gen),
+            'rows': rows,
+            'best': best,
+            'best_epoch': best_epoch,
+            'best_state': best_state,
+        }, last_path)
 
     if state is not None:
         model.load_state_dict(state['state_dict'])
         opt.load_state_dict(state['optimizer'])
-        set_rng_states(state['rng'], gen)
         rows, best, best_epoch, best_state, done = (state[k] for k in ('rows', 'best', 'best_epoch', 'best_state', 'epoch'))
+        best_state = best_state and {k: v.to(device) for k, v in best_state.items()}
+        note = set_rng_states(state['rng'], gen, args.seed, done)
         print(f'resuming {last_path} after epoch {done}', flush=True)
+        if note:
+            print(note, flush=True)
     else:
-        if os.path.exists(last_path):
-            print(f'note: starting over in {args.out_dir}; its last.pt is replaced (--resume continues a run)')
         save_last()
     print(f'training {args.dist} (latent dim {args.latent_dim}) on {n} images, {device}, '
           f'{sum(p.numel() for p in model.parameters()):,} parameters -> {args.out_dir}', flush=True)
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)   # SIGTERM stops like Ctrl-C
     try:
         for epoch in range(done + 1, args.epochs + 1):
             t0 = time.time()
@@ -351,7 +344,7 @@ def train(args):
                 best, best_epoch = row['val_elbo_nats'], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             done = epoch
-            write_metrics(rows, os.path.join(args.out_dir, 'metrics.csv'))
+            utils.write_csv(rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
             save_last()
             print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
                   f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
@@ -361,17 +354,22 @@ def train(args):
             sys.exit('error: the validation ELBO was never finite; no checkpoint was written')
         model.load_state_dict(best_state)
         save_figures(model, test_x, args.out_dir, title)
-        atomic_save({'format': vae.CKPT_FORMAT, 'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False},
-                     'state_dict': best_state, 'epoch': best_epoch, 'val_elbo_nats': best,
-                     'torch': str(torch.__version__)}, ckpt_path)
+        utils.save_torch({
+            'format': vae.CKPT_FORMAT,
+            'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False, 'overwrite': False},
+            'state_dict': best_state,
+            'epoch': best_epoch,
+            'val_elbo_nats': best,
+            'torch': str(torch.__version__),
+        }, ckpt_path)
         print(f'best val ELBO {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
               f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
     except KeyboardInterrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):   # a second Ctrl-C while this exits
+            signal.signal(sig, signal.SIG_IGN)
         print(f'\ninterrupted after epoch {done} of {args.epochs}; {last_path} keeps it. Resume with:\n'
               f'  {command(args)}', file=sys.stderr)
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

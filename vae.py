@@ -25,8 +25,13 @@ N_PIXELS = 784
 LOG256 = math.log(256)
 EVAL_SEED = 1234  # fixed noise for validation/test binarisation and dequantisation
 CKPT_FORMAT = 'conv-vae-likelihoods/1'
-MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
-               't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+MNIST_SHA256 = {   # of the uncompressed files, as published with the data set's mirrors
+    'train-images-idx3-ubyte': 'ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db',
+    'train-labels-idx1-ubyte': '65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5',
+    't10k-images-idx3-ubyte': '0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7',
+    't10k-labels-idx1-ubyte': 'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2',
+}
+MNIST_FILES = tuple(MNIST_SHA256)
 
 # -----------------------------------------------------------------------------
 # data
@@ -36,26 +41,50 @@ class DataError(Exception):
     """The MNIST files are missing or unreadable; the message says what to do."""
 
 
+def check_mnist_files(raw):
+    """DataError naming the first of the four files in raw/ that is unreadable or not the
+    original (SHA-256 of the uncompressed file: truncated, damaged or another data set)."""
+    import hashlib
+    for name, digest in MNIST_SHA256.items():
+        path = os.path.join(raw, name)
+        h = hashlib.sha256()
+        try:
+            with open(path, 'rb') as f:
+                for block in iter(lambda: f.read(1 << 20), b''):
+                    h.update(block)
+        except OSError as e:
+            raise DataError(f'cannot read {path}: {e.strerror}') from None
+        if h.hexdigest() != digest:
+            raise DataError(f'{path} is not the original MNIST file (its SHA-256 differs: truncated, damaged or '
+                            f'another data set); replace it with the original') from None
+
+
 def load_mnist(root):
     """MNIST as uint8 tensors: train = first 50,000 of the official training set,
-    val = its last 10,000, test = the official 10,000. Images (N, 1, 28, 28), labels (N,)."""
+    val = its last 10,000, test = the official 10,000. Images (N, 1, 28, 28), labels (N,).
+    Downloaded into root/MNIST/raw/ if missing (directories made for a download that fails are
+    removed again); the four files are checked against their published checksums."""
     from torchvision import datasets
     raw = os.path.join(root, 'MNIST', 'raw')
-    present = all(os.path.isfile(os.path.join(raw, f)) for f in MNIST_FILES)
+    present = all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES)
+    made = [d for d in (root, os.path.dirname(raw), raw) if not os.path.isdir(d)]
     try:
-        train = datasets.MNIST(root, train=True, download=True)
-        test = datasets.MNIST(root, train=False, download=True)
-    except Exception as e:  # offline download, unreadable files, ...
         if present:
-            raise DataError(f'the MNIST files in {raw}/ could not be read ({type(e).__name__}): truncated or '
-                            f'damaged; replace them with the original files') from e
+            check_mnist_files(raw)
+        train = datasets.MNIST(root, train=True, download=not present)
+        test = datasets.MNIST(root, train=False, download=not present)
+        if not present:
+            check_mnist_files(raw)
+    except DataError:
+        raise
+    except Exception as e:  # offline download, unreadable files, ...
+        for d in reversed(made):
+            try:
+                os.rmdir(d)          # only if empty: a partial download stays for the next try
+            except OSError:
+                pass
         raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
                         f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
-    for part, n in [(train, 60000), (test, 10000)]:   # files that parse but hold the wrong data
-        labels = part.targets
-        if part.data.shape != (n, 28, 28) or labels.shape != (n,) or labels.min() < 0 or labels.max() > 9:
-            raise DataError(f'the MNIST files in {raw}/ are damaged: expected {n} images of 28 x 28 with labels 0-9, '
-                            f'got images {tuple(part.data.shape)}; replace them with the original files')
     x, y = train.data.unsqueeze(1), train.targets  # (60000, 1, 28, 28) uint8
     return {'train': (x[:50000], y[:50000]), 'val': (x[50000:], y[50000:]),
             'test': (test.data.unsqueeze(1), test.targets)}

@@ -1,0 +1,220 @@
+"""Generic helpers the scripts share: one-line errors, argparse types, the device flag, atomic
+writing of files (checkpoints, CSVs, PNGs), a run directory's lock and image grids. Nothing here
+knows about VAEs (that is vae.py); torch and matplotlib are imported where they are used, so that
+one_line_errors() can be installed before them.
+"""
+import argparse
+import csv
+import math
+import os
+import signal
+import sys
+import tempfile
+
+DEVICES = ('auto', 'cpu', 'cuda', 'mps')
+
+# -----------------------------------------------------------------------------
+# errors: one line on stderr, never a traceback, for what a user (not a bug) causes
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def describe(e):
+    """An exception as the one line a user reads: OSError with its file, out-of-memory, ..."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f'out of memory ({first})' if is_out_of_memory(e) else first
+
+
+def is_out_of_memory(e):
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError' or (
+        isinstance(e, RuntimeError) and ('out of memory' in text or "can't allocate memory" in text))
+
+
+def _excepthook(kind, e, tb):
+    if not (issubclass(kind, (KeyboardInterrupt, OSError)) or is_out_of_memory(e)):
+        return sys.__excepthook__(kind, e, tb)     # a bug: its traceback is what a report needs
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while this exits
+    interrupted = issubclass(kind, KeyboardInterrupt)
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    sys.stderr.write('interrupted\n' if interrupted else f'error: {describe(e)}\n')
+    sys.stderr.flush()
+    os._exit(130 if interrupted else 1)
+
+
+def one_line_errors():
+    """From here on, an interrupt (Ctrl-C, SIGTERM), an OSError (disk full, permissions, a
+    directory where a file should be) or running out of memory that nothing handles ends the
+    program with one line on stderr and exit status 130 (interrupt) or 1, not a traceback.
+    Files being written are cleaned up on the way (write_atomic). Call it before the slow
+    imports, so that Ctrl-C during them is one line too."""
+    sys.excepthook = _excepthook
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), not the usage block."""
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (--help lists the flags)\n')
+
+
+def number(kind, low=None, high=None, low_open=False):
+    """argparse type: a finite kind (int/float) within [low, high] (or (low, high] if low_open)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}')
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f'expected a finite number, got {text!r}')
+        if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+            rng = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+            raise argparse.ArgumentTypeError(f'{v} is outside {rng}')
+        return v
+    return parse
+
+
+def pick_device(name):
+    """torch.device for --device auto/cpu/cuda/mps; one-line exit if it is not available."""
+    import torch
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        sys.exit('error: --device cuda, but CUDA is not available here (use --device auto or cpu)')
+    if name == 'mps' and not torch.backends.mps.is_available():
+        sys.exit('error: --device mps, but MPS is not available here (use --device auto or cpu)')
+    return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
+# files
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomic(path, write, text=False):
+    """write(f) into a new temporary file beside path (a unique name, so that two writers never
+    share one), then rename it onto path: readers see the old file or the new one, never a part.
+    On any failure (disk full, Ctrl-C) the temporary file is removed and path is untouched."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=f'.{os.path.basename(path)}.',
+                               suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w' if text else 'wb', **({'newline': ''} if text else {})) as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)              # mkstemp makes it private; a file's usual mode
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename in (None, tmp):   # name the file the user asked for
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def save_torch(obj, path):
+    import torch
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_png(fig, path, **kw):
+    """fig as a PNG at path (atomically); closes fig."""
+    import matplotlib.pyplot as plt
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=100, **kw))
+    finally:
+        plt.close(fig)
+
+
+def write_csv(rows, path, columns):
+    """rows (dicts) as a CSV with these columns: None as empty, floats to 6 significant digits."""
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ('' if r.get(c) is None else f'{r[c]:.6g}' if isinstance(r[c], float) else r[c])
+                        for c in columns})
+    write_atomic(path, write, text=True)
+
+
+def writable_dir(path, flag):
+    """Create the directory path if needed and check that files can be written into it, before
+    any long work; one-line exit naming the flag otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        sys.exit(f'error: {flag} {path} is a file, not a directory')
+    try:
+        os.makedirs(path, exist_ok=True)
+        os.unlink(tempfile.mkstemp(dir=path, prefix='.write-test.')[1])
+    except OSError as e:
+        sys.exit(f'error: {flag} {path}: cannot write there ({e.strerror})')
+
+
+# -----------------------------------------------------------------------------
+# a run directory has one owner
+
+def lock_dir(path):
+    """Take the exclusive lock of the directory path (its file .lock) and return the open lock
+    file: closing it releases the lock, and so does the end of the process, however it ends
+    (kill -9 included). If another process holds it, exit with one line naming that process."""
+    holder, f = _lock(path, take=True)
+    if holder:
+        sys.exit(f'error: {path} is in use by {holder}; wait for it to end or use another directory')
+    return f
+
+
+def lock_holder(path):
+    """Who holds the lock of the directory path: '' if nobody, else e.g. 'train.py (pid 12)'."""
+    return _lock(path, take=False)[0]
+
+
+def _lock(path, take):
+    try:
+        import fcntl
+    except ImportError:          # no flock (Windows): no lock
+        return '', open(os.devnull)
+    lock = os.path.join(path, '.lock')
+    if not take and not os.path.exists(lock):
+        return '', None
+    f = open(lock, 'a+' if take else 'r')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        f.close()
+        return holder, None
+    if not take:
+        f.close()                # closing releases it
+        return '', None
+    f.seek(0)
+    f.truncate()
+    f.write(f'{os.path.basename(sys.argv[0]) or "python"} (pid {os.getpid()})\n')
+    f.flush()
+    return '', f
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+
+def grid(imgs, nrow):
+    """(N, 1, 28, 28) images in [0, 1] as one gray (H, W) array, nrow per row."""
+    from torchvision.utils import make_grid
+    return make_grid(imgs.clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=0.5)[0].numpy()
