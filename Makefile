@@ -42,7 +42,19 @@ RESULTS ?= results
 endif
 COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
 
-.PHONY: train test compare latent latent-all bench
+.PHONY: help train test compare latent latent-all bench figures
+
+help:   # the targets and the variables they take
+	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 TRAIN_FLAGS="--lr 3e-4"]'
+	@echo '              trains runs/<DIST>-z<LATENT>-s<SEED>/ (resumes an interrupted run)'
+	@echo 'make test     DATA=dir              the tests (what CI runs)'
+	@echo 'make compare  DATA=dir [QUICK=1 SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
+	@echo '              trains every likelihood, then compare_likelihoods.py into results/'
+	@echo 'make latent   DATA=dir [DIST=bernoulli EPOCHS=20]   a 2-D latent model and its two figures'
+	@echo 'make latent-all DATA=dir [DISTS="..."]             the same for every likelihood, side by side'
+	@echo 'make bench    DATA=dir              training and evaluation speed: results/bench.csv'
+	@echo 'make figures                        copies the README figures from results/ into docs/figures/'
+	@echo 'DATA holds MNIST/raw/ (downloaded there if missing and online); the first target creates .venv.'
 
 train: $(RUN)/model.pt
 
@@ -67,6 +79,15 @@ results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.p
 
 results/latent_all.png: plot_latent.py vae.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $(filter %.pt,$^) --data-dir $(DATA) --all $@
+
+# make figures: the README's figures, copied from results/ (it never trains: run make compare,
+# make latent-all first); docs/figures/ is the one committed output.
+FIGURES := likelihoods.png samples.png reconstructions.png latent_all.png \
+           $(foreach d,$(DISTS),latent_$(d).png manifold_$(d).png)
+figures:
+	@mkdir -p docs/figures
+	@for f in $(FIGURES); do if [ -f results/$$f ]; then cp results/$$f docs/figures/$$f && echo "docs/figures/$$f"; \
+	  else echo "results/$$f is missing (make compare / make latent-all draw it): not updated" >&2; fi; done
 
 # make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.
 bench: results/bench.csv

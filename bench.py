@@ -28,7 +28,7 @@ Prints a table and writes --out (default results/bench.csv) with the device, tor
 and thread count. Timings are wall-clock: run it on an otherwise idle machine.
 """
 import utils
-if __name__ == '__main__':
+if __name__ in ('__main__', '__mp_main__'):   # the benchmark's own child process too
     utils.one_line_errors()   # first: from here on Ctrl-C, a full disk or OOM is one line, not a traceback
 
 import argparse  # noqa: E402
@@ -181,7 +181,10 @@ def measure(dist, args):
 def in_fresh_process(*a):
     ctx = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-        return ex.submit(measure, *a).result()
+        try:
+            return ex.submit(measure, *a).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise SystemExit('error: the benchmark process died (killed, or out of memory)') from None
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def main(argv=None):
         vae.load_mnist(args.data_dir)
     except vae.DataError as e:
         raise SystemExit(f'error: {e}')
-    utils.writable_dir(os.path.dirname(args.out) or '.', '--out')
+    utils.writable_dir(os.path.dirname(args.out) or '.', '--out', [os.path.basename(args.out)])
     rows = []
     for dist in args.dists:
         print(f'bench: {dist}: the ceiling around {args.epochs} epoch(s) of each loop, then the evaluations ...', flush=True)

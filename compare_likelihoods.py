@@ -52,6 +52,8 @@ COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds'
 TAIL = ['eval_seconds', 'torch', 'git_commit', 'device']
 SUMMARY = ['test_elbo_nats', 'iwae_nats', 'nll_8bit_nats', 'bits_per_dim', 'bound_bits_per_dim', 'active_units']
 CURVE = (1, 10, 100, 1000)
+OUTPUTS = ('likelihoods.csv', 'likelihoods_summary.csv', 'bayes_factors.csv', 'likelihoods.png', 'samples.png',
+           'reconstructions.png')
 
 
 def columns():
@@ -73,11 +75,11 @@ def check_runs(runs, device):
         if real in seen:
             sys.exit(f'error: {run} is named twice (as {seen[real]} too): each run counts once')
         seen[real] = run
-        if not os.path.isfile(os.path.join(run, 'model.pt')):
-            sys.exit(f'error: {run} has no model.pt (train it first: make compare trains every run)')
-        holder = utils.lock_holder(run)
+        holder = utils.lock_holder(run) if os.path.isdir(run) else ''
         if holder:
             sys.exit(f'error: {run} is being trained by {holder}; compare it when that has finished')
+        if not os.path.isfile(os.path.join(run, 'model.pt')):
+            sys.exit(f'error: {run} has no model.pt (train it first: make compare trains every run)')
         try:
             model, ckpt = vae.load_checkpoint(os.path.join(run, 'model.pt'), device)
         except ValueError as e:
@@ -333,11 +335,11 @@ def main(argv=None):
     t0 = time.time()
     device = utils.pick_device(args.device)
     runs = check_runs(args.runs, device)
-    utils.writable_dir(args.out, '--out')
     try:
         test_x8 = vae.load_mnist(args.data_dir)['test'][0]
     except vae.DataError as e:
         sys.exit(f'error: {e}')
+    utils.writable_dir(args.out, '--out', OUTPUTS)
     info = {'torch': str(torch.__version__), 'git_commit': git_commit(),
             'device': f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
             f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else device.type})'}
@@ -362,8 +364,7 @@ def main(argv=None):
     plot_results(rows, summary, os.path.join(args.out, 'likelihoods.png'))
     plot_rows(models, test_x8, args.out)
     print_tables(rows, bfs, notes)
-    print(f'\nwrote {args.out}/likelihoods.csv, likelihoods_summary.csv, bayes_factors.csv, likelihoods.png, '
-          f'samples.png, reconstructions.png; evaluation took {time.time() - t0:.0f} s')
+    print(f"\nwrote {args.out}/{', '.join(OUTPUTS)}; evaluation took {time.time() - t0:.0f} s")
 
 
 if __name__ == '__main__':

@@ -138,8 +138,10 @@ def latent_figure(points, labels, title, names):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 6.4))
     scatter(ax, points, labels, title)
-    ax.set_xlabel(f'{names[0]} of mu(x)')
-    ax.set_ylabel(names[1] if names[1].startswith('digit') else f'{names[1]} of mu(x)')
+    def label(name, i):        # what the coordinate is: z_i = mu_i(x), a PC of mu(x), or the digit
+        return name if name.startswith('digit') else f'{name} of mu(x)' if name.startswith('PC') else f'{name} = mu_{i}(x)'
+    ax.set_xlabel(label(names[0], 1))
+    ax.set_ylabel(label(names[1], 2))
     ax.legend(title='digit', markerscale=3, fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
@@ -178,7 +180,7 @@ def all_figure(panels, labels, n):
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 0.6), squeeze=False)
     for ax, (name, points, names, note) in zip(axes.flat, panels):
-        acc = knn_accuracy(points, labels)   # for a 1-D latent: on (mu, digit) points, so on mu alone
+        acc = knn_accuracy(points[:, :1] if names[1].startswith('digit') else points, labels)   # 1-D: mu alone
         where = '' if note is None else ' (1-D: mu vs digit)' if names[1].startswith('digit') else ' (first two PCs)'
         print(f'{name}: {KNN_K}-NN leave-one-out accuracy {acc:.3f}{where}')
         scatter(ax, points, labels, f'{name}{where}\n{KNN_K}-NN accuracy {100 * acc:.1f}% (leave-one-out)')
@@ -236,7 +238,7 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     labels = labels[:args.n]
     if args.all:      # checked (and made) only once the inputs are known to be good
-        utils.writable_dir(os.path.dirname(args.all) or '.', '--all')
+        utils.writable_dir(os.path.dirname(args.all) or '.', '--all', [os.path.basename(args.all)])
     else:
         utils.writable_dir(args.out, '--out')
 

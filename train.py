@@ -179,7 +179,11 @@ def load_last(args):
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
             sys.exit(f'error: --resume: {path} was written with {flag} {v}, this run has {flag} '
-                     f'{getattr(args, k, None)}; resume with the same flags or use another --out-dir')
+                     f'{getattr(args, k, None)}; resume with the same flags, start over with --overwrite, '
+                     f'or use another --out-dir')
+    if args.epochs < state['epoch']:
+        sys.exit(f"error: --resume: {path} is at epoch {state['epoch']}; --epochs {args.epochs} would end "
+                 f"before it (--epochs may only grow)")
     return state
 
 
@@ -255,7 +259,8 @@ def train(args):
         sys.exit('error: --resume continues the run in --out-dir, --overwrite deletes it: choose one')
     device = utils.pick_device(args.device)
     existing_run(args)                    # refused before anything is loaded or written
-    state = load_last(args) if args.resume else None
+    if args.resume:
+        load_last(args)                   # its flags checked early; read again once locked
     try:
         data = vae.load_mnist(args.data_dir)
     except vae.DataError as e:
@@ -264,6 +269,7 @@ def train(args):
     lock = utils.lock_dir(args.out_dir)   # this process owns --out-dir until train() returns
     try:
         old_run = existing_run(args, locked=True)   # again, now that no other process can change it
+        state = load_last(args) if args.resume else None
         for f in old_run:   # --overwrite, all checks passed; model.pt first, so it never outlives its run
             os.remove(os.path.join(args.out_dir, f))
         if old_run:
@@ -365,8 +371,9 @@ def fit(args, device, data, state=None):
         print(f'best val ELBO {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
               f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
     except KeyboardInterrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):   # a second Ctrl-C while this exits
-            signal.signal(sig, signal.SIG_IGN)
+        if __name__ == '__main__':        # a second Ctrl-C while this script exits
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         print(f'\ninterrupted after epoch {done} of {args.epochs}; {last_path} keeps it. Resume with:\n'
               f'  {command(args)}', file=sys.stderr)
         sys.exit(130)

@@ -24,7 +24,7 @@ def _raise_interrupt(signum, frame):
 def describe(e):
     """An exception as the one line a user reads: OSError with its file, out-of-memory, ..."""
     if isinstance(e, OSError):
-        return f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+        return f"{e.strerror or str(e) or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f'out of memory ({first})' if is_out_of_memory(e) else first
 
@@ -154,16 +154,22 @@ def write_csv(rows, path, columns):
     write_atomic(path, write, text=True)
 
 
-def writable_dir(path, flag):
-    """Create the directory path if needed and check that files can be written into it, before
-    any long work; one-line exit naming the flag otherwise."""
+def writable_dir(path, flag, files=()):
+    """Create the directory path if needed and check, before any long work, that files can be
+    written into it and that none of `files` (names in it) is a directory; one-line exit naming
+    the flag otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
         sys.exit(f'error: {flag} {path} is a file, not a directory')
     try:
         os.makedirs(path, exist_ok=True)
-        os.unlink(tempfile.mkstemp(dir=path, prefix='.write-test.')[1])
+        fd, test = tempfile.mkstemp(dir=path, prefix='.write-test.')
+        os.close(fd)
+        os.unlink(test)
     except OSError as e:
         sys.exit(f'error: {flag} {path}: cannot write there ({e.strerror})')
+    for name in files:
+        if os.path.isdir(os.path.join(path, name)):
+            sys.exit(f'error: {flag}: {os.path.join(path, name)} is a directory, where the output file goes')
 
 
 # -----------------------------------------------------------------------------
@@ -173,7 +179,12 @@ def lock_dir(path):
     """Take the exclusive lock of the directory path (its file .lock) and return the open lock
     file: closing it releases the lock, and so does the end of the process, however it ends
     (kill -9 included). If another process holds it, exit with one line naming that process."""
-    holder, f = _lock(path, take=True)
+    import time
+    for _ in range(10):          # lock_holder's probe holds it for an instant: try for a second
+        holder, f = _lock(path, take=True)
+        if not holder:
+            break
+        time.sleep(0.1)
     if holder:
         sys.exit(f'error: {path} is in use by {holder}; wait for it to end or use another directory')
     return f

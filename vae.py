@@ -77,12 +77,14 @@ def load_mnist(root):
             check_mnist_files(raw)
     except DataError:
         raise
-    except Exception as e:  # offline download, unreadable files, ...
+    except BaseException as e:  # offline download, unreadable files, Ctrl-C during a download, ...
         for d in reversed(made):
             try:
                 os.rmdir(d)          # only if empty: a partial download stays for the next try
             except OSError:
                 pass
+        if not isinstance(e, Exception):
+            raise
         raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
                         f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
     x, y = train.data.unsqueeze(1), train.targets  # (60000, 1, 28, 28) uint8
