@@ -2,7 +2,8 @@
 #   make train DATA=path/to/mnist     (trains DIST=bernoulli; make train DIST=beta, ...)
 #   make test DATA=path/to/mnist
 #   make compare DATA=path/to/mnist   (every likelihood, then compare_likelihoods.py;
-#                                      QUICK=1 for a first look, SEEDS="0 1 2" for several)
+#                                      QUICK=1 for a first look, BUDGET=long to convergence,
+#                                      SEEDS="0 1 2" for several)
 #   make latent DATA=path/to/mnist    (a 2-D latent model of DIST, seed 0, and its two figures)
 #   make latent-all DATA=...          (the same for every likelihood, and results/latent_all.png)
 #   make bench DATA=path/to/mnist     (training and evaluation speed: results/bench.csv; make -B bench re-measures)
@@ -15,26 +16,40 @@ DIST   ?= bernoulli
 LATENT ?= 32
 SEED   ?= 0
 EPOCHS ?= 20
+PATIENCE ?= 0
 TRAIN_FLAGS ?=
 
 VENV := .venv
 PY   := $(VENV)/bin/python
 RUN  := runs/$(DIST)-z$(LATENT)-s$(SEED)
 
-# make compare: every likelihood with the same latent dim, epochs and seeds, in its own
-# directory, then the comparison on the test set.
+# make compare: every likelihood with the same latent dim, budget and seeds, in its own
+# directory, then the comparison on the test set. The budget: at most COMPARE_EPOCHS epochs,
+# stopping once the validation ELBO has not improved for COMPARE_PATIENCE epochs. The default
+# is about half an hour of training on a 2-core CPU; BUDGET=long trains to convergence, for a
+# published table on a faster machine.
 DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic
 SEEDS ?= 0
 ifdef QUICK
 COMPARE_DIR    ?= runs/quick
 COMPARE_EPOCHS ?= 2
+COMPARE_PATIENCE ?= 0
 K       ?= 10
 N_TEST  ?= 2000
 N_CURVE ?= 100
 RESULTS ?= results/quick
+else ifeq ($(BUDGET),long)
+COMPARE_DIR    ?= runs/long
+COMPARE_EPOCHS ?= 200
+COMPARE_PATIENCE ?= 10
+K       ?= 100
+N_TEST  ?= 10000
+N_CURVE ?= 1000
+RESULTS ?= results/long
 else
 COMPARE_DIR    ?= runs/compare
-COMPARE_EPOCHS ?= 10
+COMPARE_EPOCHS ?= 20
+COMPARE_PATIENCE ?= 3
 K       ?= 100
 N_TEST  ?= 10000
 N_CURVE ?= 1000
@@ -45,11 +60,12 @@ COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$
 .PHONY: help train test compare latent latent-all bench figures
 
 help:   # the targets and the variables they take
-	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 TRAIN_FLAGS="--lr 3e-4"]'
+	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 PATIENCE=0 TRAIN_FLAGS="--lr 3e-4"]'
 	@echo '              trains runs/<DIST>-z<LATENT>-s<SEED>/ (resumes an interrupted run)'
 	@echo 'make test     DATA=dir              the tests (what CI runs)'
-	@echo 'make compare  DATA=dir [QUICK=1 SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
-	@echo '              trains every likelihood, then compare_likelihoods.py into results/'
+	@echo 'make compare  DATA=dir [QUICK=1 | BUDGET=long] [SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
+	@echo '              trains every likelihood (at most COMPARE_EPOCHS=20 epochs, COMPARE_PATIENCE=3;'
+	@echo '              BUDGET=long: 200 and 10, into runs/long, results/long), then compare_likelihoods.py'
 	@echo 'make latent   DATA=dir [DIST=bernoulli EPOCHS=20]   a 2-D latent model and its two figures'
 	@echo 'make latent-all DATA=dir [DISTS="..."]             the same for every likelihood, side by side'
 	@echo 'make bench    DATA=dir              training and evaluation speed: results/bench.csv'
@@ -60,9 +76,10 @@ train: $(RUN)/model.pt
 
 compare: | $(VENV)/.installed
 	@start=$$(date +%s); $(MAKE) --no-print-directory $(RESULTS)/likelihoods.csv && \
-	echo "make compare$(if $(QUICK), QUICK=1,): $(COMPARE_EPOCHS) epochs, seeds $(SEEDS), k = $(K) on $(N_TEST) test images; total wall time $$(( $$(date +%s) - start )) s"
+	echo "make compare$(if $(QUICK), QUICK=1,)$(if $(BUDGET), BUDGET=$(BUDGET),): at most $(COMPARE_EPOCHS) epochs (patience $(COMPARE_PATIENCE)), seeds $(SEEDS), k = $(K) on $(N_TEST) test images; total wall time $$(( $$(date +%s) - start )) s"
 
 $(addsuffix /model.pt,$(COMPARE_RUNS)): EPOCHS = $(COMPARE_EPOCHS)
+$(addsuffix /model.pt,$(COMPARE_RUNS)): PATIENCE = $(COMPARE_PATIENCE)
 
 $(RESULTS)/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(COMPARE_RUNS)) | $(VENV)/.installed
 	$(PY) compare_likelihoods.py $(COMPARE_RUNS) --data-dir $(DATA) --out $(RESULTS) \
@@ -82,7 +99,7 @@ results/latent_all.png: plot_latent.py vae.py $(foreach d,$(DISTS),runs/$(d)-z2-
 
 # make figures: the README's figures, copied from results/ (it never trains: run make compare,
 # make latent-all first); docs/figures/ is the one committed output.
-FIGURES := likelihoods.png samples.png reconstructions.png latent_all.png \
+FIGURES := likelihoods.png samples.png reconstructions.png learning_curves.png latent_all.png \
            $(foreach d,$(DISTS),latent_$(d).png manifold_$(d).png)
 figures:
 	@mkdir -p docs/figures
@@ -119,5 +136,5 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 # code is trained again from the start (--overwrite: train.py refuses to replace a run otherwise).
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
-	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS) \
+	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS) \
 	  $(if $(wildcard $@),--overwrite,$(if $(wildcard $(@D)/last.pt),--resume))

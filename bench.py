@@ -23,7 +23,13 @@ it measures
 4. eval: images x k per second of the importance-sampled log p(x) of compare_likelihoods.py
    (k = --k draws per image, on the first --eval-n test images, fed the way the loop feeds
    its training images; the mean of two runs);
-5. peak resident memory of the likelihood's process (and peak CUDA memory on a GPU).
+5. peak resident memory of the likelihood's process (and peak CUDA memory on a GPU);
+6. the hardware limit: the training FLOPs per image (torch.utils.flop_counter on one
+   train_step: forward, backward, the likelihood included), the GFLOP/s the epoch reaches,
+   and the machine's GEMM peak: a 2048 x 2048 matmul in the same precision and thread count,
+   timed in the same process (the best of five); fraction = epoch GFLOP/s / peak.
+Each precision of --precisions is measured (the networks under autocast for bf16, as
+train.py --precision bf16 trains); the reference loop, which compares data pipelines, in fp32.
 Prints a table and writes --out (default results/bench.csv) with the device, torch version
 and thread count. Timings are wall-clock: run it on an otherwise idle machine.
 """
@@ -46,10 +52,11 @@ import train  # noqa: E402  (to time its real loop)
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
-COLUMNS = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
-           'eval_k', 'eval_n', 'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch', 'compile']
-TABLE = ['dist', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
-         'peak_rss_mb']
+COLUMNS = ['dist', 'precision', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds', 'eval_img_k_s',
+           'eval_k', 'eval_n', 'train_mflop_img', 'epoch_gflop_s', 'peak_gflop_s', 'fraction',
+           'peak_rss_mb', 'peak_cuda_mb', 'device', 'threads', 'torch', 'compile']
+TABLE = ['dist', 'precision', 'loop', 'ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'data_seconds',
+         'eval_img_k_s', 'train_mflop_img', 'epoch_gflop_s', 'peak_gflop_s', 'fraction', 'peak_rss_mb']
 LOOPS = ('train.py', 'reference')
 
 # -----------------------------------------------------------------------------
@@ -68,6 +75,22 @@ def seconds(fn, device):
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def train_flops(model, opt, x, kl_weight, dtype):
+    """FLOPs of one train_step on the batch x, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        train.train_step(model, opt, x, kl_weight, dtype=dtype)
+    return counter.get_total_flops()
+
+
+def gemm_peak(device, dtype, n=2048, repeats=5):
+    """GFLOP/s of an n x n matmul in dtype (fp32 for None) on device: the best of repeats."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
+    a @ b                                                 # warm-up
+    best = min(seconds(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
 
 
 def cpu_name():
@@ -100,11 +123,11 @@ def reference_batches(lik, loader, gen, device):
         yield lik.data(to_8bit(x).to(device), gen)
 
 
-def reference_epoch(model, opt, loader, kl_weight, gen, device):
+def reference_epoch(model, opt, loader, kl_weight, gen, device, dtype=None):
     """The tutorial-style training epoch, with the same step and logging as train_epoch."""
     model.train()
     for x in reference_batches(model.lik, loader, gen, device):
-        loss, elbo = train.train_step(model, opt, x, kl_weight)
+        loss, elbo = train.train_step(model, opt, x, kl_weight, dtype=dtype)
         loss.item(), elbo.sum().item()
 
 
@@ -124,12 +147,14 @@ def reference_eval(model, loader, n, k):
 # one likelihood, in its own process
 
 
-def measure(dist, args):
-    """The five measurements for one likelihood: a row of COLUMNS per loop in args.loops.
+def measure(dist, precision, args):
+    """The six measurements for one likelihood in one precision: a row of COLUMNS per loop.
     Both loops run in this one process (peak memory is the process's); the evaluations of
     the two loops alternate (the mean of two each)."""
     torch.manual_seed(0)
     device = utils.pick_device(args.device)
+    dtype = vae.PRECISIONS[precision]
+    loops = args.loops if dtype is None else [loop for loop in args.loops if loop == 'train.py']
     model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
     lik, kl_weight = model.lik, model.lik.default_kl_weight
     if args.compile:                                      # compiled on the warm-up steps, not timed
@@ -142,40 +167,45 @@ def measure(dist, args):
     test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
     loader, test_loader = (reference_loader(args.data_dir, True, args.batch_size, n),
                            reference_loader(args.data_dir, False))
-    epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight),
-             'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device)}
+    epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight, dtype=dtype),
+             'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device, dtype)}
     pipeline = {'train.py': lambda: sum(1 for _ in train.batches(lik, train_x8, gen, args.batch_size)),
                 'reference': lambda: sum(1 for _ in reference_batches(lik, loader, gen, device))}
     evaluate = {'train.py': lambda: vae.importance_log_px(model, test_x, args.k),
                 'reference': lambda: reference_eval(model, test_loader, args.eval_n, args.k)}
 
     x = lik.data(train_x8[:args.batch_size], gen)         # one batch, already in memory
-    step = lambda: seconds(lambda: [train.train_step(model, opt, x, kl_weight) for _ in range(args.steps)],  # noqa
-                           device)
+    step = lambda: seconds(lambda: [train.train_step(model, opt, x, kl_weight, dtype=dtype)  # noqa
+                                    for _ in range(args.steps)], device)
     step()                                                # warm-up (and compilation, with --compile)
-    ceiling_s, ratios = [step()], {loop: [] for loop in args.loops}
-    epoch_s, eval_s = ({loop: [] for loop in args.loops} for _ in range(2))
+    flop_img = train_flops(model, opt, x, kl_weight, dtype) / x.shape[0]
+    peak = gemm_peak(device, dtype)
+    ceiling_s, ratios = [step()], {loop: [] for loop in loops}
+    epoch_s, eval_s = ({loop: [] for loop in loops} for _ in range(2))
     for i in range(args.epochs):                          # ceiling, epoch, ceiling, epoch, ..., ceiling
-        for loop in args.loops:
-            print(f'bench: {dist}, epoch {i + 1}/{args.epochs} of the {loop} loop ...', flush=True)
+        for loop in loops:
+            print(f'bench: {dist} ({precision}), epoch {i + 1}/{args.epochs} of the {loop} loop ...', flush=True)
             epoch_s[loop].append(seconds(epoch[loop], device))
             ceiling_s.append(step())                      # each epoch against the ceiling either side
             ratios[loop].append(statistics.mean(ceiling_s[-2:]) / epoch_s[loop][-1] * n / (args.steps * args.batch_size))
-    data_s = {loop: seconds(pipeline[loop], device) for loop in args.loops}
+    data_s = {loop: seconds(pipeline[loop], device) for loop in loops}
     for _ in range(2):
-        for loop in args.loops:
+        for loop in loops:
             eval_s[loop].append(seconds(evaluate[loop], device))
     ceiling = args.steps * args.batch_size / statistics.median(ceiling_s)
-    common = {'dist': dist, 'ceiling_img_s': round(ceiling, 1), 'eval_k': args.k, 'eval_n': args.eval_n,
+    common = {'dist': dist, 'precision': precision, 'ceiling_img_s': round(ceiling, 1), 'eval_k': args.k,
+              'eval_n': args.eval_n, 'train_mflop_img': round(flop_img / 1e6, 2), 'peak_gflop_s': round(peak, 1),
               'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
               'peak_cuda_mb': round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else '',
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
               f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
-    return [{**common, 'loop': loop, 'epoch_img_s': round(n / statistics.median(epoch_s[loop]), 1),
+    rate = {loop: n / statistics.median(epoch_s[loop]) for loop in loops}
+    return [{**common, 'loop': loop, 'epoch_img_s': round(rate[loop], 1),
+             'epoch_gflop_s': round(rate[loop] * flop_img / 1e9, 1), 'fraction': round(rate[loop] * flop_img / 1e9 / peak, 3),
              'ratio': round(statistics.median(ratios[loop]), 3),
              'epoch_seconds': round(statistics.median(epoch_s[loop]), 4), 'data_seconds': round(data_s[loop], 4),
-             'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in args.loops]
+             'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in loops]
 
 
 def in_fresh_process(*a):
@@ -195,6 +225,8 @@ def parse_args(argv=None):
     p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dists', nargs='+', default=['bernoulli', 'categorical'], choices=list(vae.LIKELIHOODS))
     p.add_argument('--loops', nargs='+', default=list(LOOPS), choices=LOOPS)
+    p.add_argument('--precisions', nargs='+', default=list(vae.PRECISIONS), choices=list(vae.PRECISIONS),
+                   help='training precisions to measure (the reference loop: fp32 only)')
     p.add_argument('--device', default='auto', choices=utils.DEVICES)
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/')
     p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
@@ -220,22 +252,24 @@ def main(argv=None):
     utils.writable_dir(os.path.dirname(args.out) or '.', '--out', [os.path.basename(args.out)])
     rows = []
     for dist in args.dists:
-        print(f'bench: {dist}: the ceiling around {args.epochs} epoch(s) of each loop, then the evaluations ...', flush=True)
-        rows += in_fresh_process(dist, args)
+        for precision in args.precisions:
+            print(f'bench: {dist} ({precision}): the ceiling around {args.epochs} epoch(s) of each loop, '
+                  f'then the evaluations ...', flush=True)
+            rows += in_fresh_process(dist, precision, args)
     utils.write_csv(rows, args.out, COLUMNS)
 
     r = rows[0]
     print(f"\n{r['device']}, {r['threads']} threads, torch {r['torch']}{', torch.compile' * args.compile}; "
           f"eval: k = {args.k} on {args.eval_n} images")
-    head = ['likelihood', 'loop', 'ceiling img/s', 'epoch img/s', 'ratio', 'epoch s', 'data pipeline s',
-            'eval img*k/s', 'peak RSS MB']
+    head = ['likelihood', 'precision', 'loop', 'ceiling img/s', 'epoch img/s', 'ratio', 'epoch s',
+            'data pipeline s', 'eval img*k/s', 'train MFLOP/img', 'epoch GFLOP/s', 'GEMM peak GFLOP/s',
+            'fraction of peak', 'peak RSS MB']
     for cells in [head, ['---'] * len(head)] + [[r[c] for c in TABLE] for r in rows]:   # a Markdown table
         print('| ' + ' | '.join(str(c) for c in cells) + ' |')
-    rate = {r['dist']: r['epoch_img_s'] for r in rows if r['loop'] == 'train.py'}
-    first = args.dists[0]
-    for dist in args.dists[1:]:
-        if first in rate and dist in rate:
-            print(f"{dist} / {first} training images/s: {rate[dist] / rate[first]:.2f}")
+    rate = {(r['dist'], r['precision']): r['epoch_img_s'] for r in rows if r['loop'] == 'train.py'}
+    first = args.dists[0], args.precisions[0]
+    for key in list(rate)[1:]:
+        print(f"{' '.join(key)} / {' '.join(first)} training images/s: {rate[key] / rate[first]:.2f}")
     print(f'wrote {args.out}')
     return rows
 

@@ -22,8 +22,10 @@ Per run, on the first --n-test test images (default all 10,000), in nats per ima
   binary cross-entropy on gray pixels, unnormalised, next to its proper ELBO);
 - log Bayes factors: for each pair of 8-bit likelihoods with the same seed, the mean
   per-image difference of log P(x) with its standard error.
+Also, from each run's metrics.csv, the learning curves: per epoch the validation negative ELBO
+of the 8-bit pixels in bits/dim (nats per binarised image for bernoulli), the scored epoch marked.
 Writes into --out (default results/): likelihoods.csv, likelihoods_summary.csv,
-bayes_factors.csv, likelihoods.png, samples.png, reconstructions.png.
+bayes_factors.csv, likelihoods.png, samples.png, reconstructions.png, learning_curves.png.
 """
 import utils
 if __name__ == '__main__':
@@ -53,7 +55,7 @@ TAIL = ['eval_seconds', 'torch', 'git_commit', 'device']
 SUMMARY = ['test_elbo_nats', 'iwae_nats', 'nll_8bit_nats', 'bits_per_dim', 'bound_bits_per_dim', 'active_units']
 CURVE = (1, 10, 100, 1000)
 OUTPUTS = ('likelihoods.csv', 'likelihoods_summary.csv', 'bayes_factors.csv', 'likelihoods.png', 'samples.png',
-           'reconstructions.png')
+           'reconstructions.png', 'learning_curves.png')
 
 
 def columns():
@@ -66,7 +68,7 @@ def columns():
 
 
 def check_runs(runs, device):
-    """Every run checked before any is evaluated: [(run, model, ckpt, training seconds)], or a
+    """Every run checked before any is evaluated: [(run, model, ckpt, metrics.csv rows)], or a
     one-line exit naming the run or file that is wrong (missing, unreadable, being trained,
     named twice, or a second copy of the same model and seed)."""
     out, seen, models = [], {}, {}
@@ -90,11 +92,11 @@ def check_runs(runs, device):
             sys.exit(f'error: {run} and {models[key]} hold the same model ({key[0]}, latent dim {key[1]}, '
                      f'seed {key[2]}): it would count as two seeds; keep one')
         models[key] = run
-        out.append((run, model, ckpt, read_train_seconds(run, a['epochs'])))
+        out.append((run, model, ckpt, read_metrics(run, ckpt.get('epochs_trained', a['epochs']))))
     return out
 
 
-def evaluate_run(model, ckpt, train_seconds, test_x8, args, device):
+def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     """Row of likelihoods.csv and the per-image exact 8-bit log P(x) (None for bernoulli)."""
     t0 = time.time()
     lik, a = model.lik, ckpt['args']
@@ -113,7 +115,7 @@ def evaluate_run(model, ckpt, train_seconds, test_x8, args, device):
     curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b])[0][key]
                           for s in range(0, min(n, args.n_curve), b)], 1)
     row = {'dist': a['dist'] + lik.tag(), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
-           'epochs': a['epochs'], 'best_epoch': ckpt['epoch'], 'train_seconds': train_seconds,
+           'epochs': len(metrics), 'best_epoch': ckpt['epoch'], 'train_seconds': sum(r['seconds'] for r in metrics),
            'test_data': lik.data_name, 'scored_on': '8-bit pixels (exact)' if key == '8bit' else
            f'{lik.data_name} (not ranked)', 'n_test': n,
            'test_elbo_nats': (log_px - kl).mean().item(), 'test_recon_nats': log_px.mean().item(),
@@ -133,20 +135,25 @@ def evaluate_run(model, ckpt, train_seconds, test_x8, args, device):
     return row, logp8
 
 
-def read_train_seconds(run_dir, epochs):
-    """The training time of the run's first `epochs` epochs (those model.pt was chosen from), from
-    its metrics.csv; a one-line exit naming the file if it is missing or not train.py's."""
+def read_metrics(run_dir, epochs):
+    """The rows of the run's metrics.csv for the `epochs` epochs model.pt was chosen from, as
+    {epoch, seconds, val_elbo_nats, val_nelbo_8bit_bpd (None where absent)}; a one-line exit
+    naming the file if it is missing or not train.py's."""
     path = os.path.join(run_dir, 'metrics.csv')
     try:
         with open(path, newline='') as f:
-            seconds = [float(r['seconds']) for r in csv.DictReader(f) if int(r['epoch']) <= epochs]
+            rows = [{'epoch': int(r['epoch']), 'seconds': float(r['seconds']), 'val_elbo_nats': float(r['val_elbo_nats']),
+                     'val_nelbo_8bit_bpd': float(r['val_nelbo_8bit_bpd']) if r.get('val_nelbo_8bit_bpd') else None}
+                    for r in csv.DictReader(f)]
     except OSError as e:
-        sys.exit(f'error: cannot read {path} ({e.strerror}): the training time comes from it')
+        sys.exit(f'error: cannot read {path} ({e.strerror}): the training time and learning curve come from it')
     except (KeyError, TypeError, ValueError, csv.Error):
-        sys.exit(f'error: {path} is not a metrics.csv written by train.py (no epoch and seconds columns)')
-    if len(seconds) != epochs or not all(math.isfinite(t) and t >= 0 for t in seconds):
-        sys.exit(f'error: {path} holds {len(seconds)} valid epochs of the {epochs} model.pt was trained for')
-    return sum(seconds)
+        sys.exit(f'error: {path} is not a metrics.csv written by train.py (no epoch, seconds and val_elbo_nats columns)')
+    rows = [r for r in rows if r['epoch'] <= epochs]
+    if [r['epoch'] for r in rows] != list(range(1, epochs + 1)) or not all(
+            math.isfinite(r['seconds']) and r['seconds'] >= 0 for r in rows):
+        sys.exit(f'error: {path} holds {len(rows)} valid epochs of the {epochs} model.pt was trained for')
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -235,6 +242,41 @@ def plot_results(rows, summary, path):
     bx.set_ylabel('NLL (nats per image)')
     bx.set_title(f"{binar[0]['scored_on'].split(' (')[0] if binar else 'other'} test set\n(a different data set)", fontsize=10)
     bx.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    utils.save_png(fig, path)
+
+
+def plot_learning_curves(curves, path):
+    """learning_curves.png: per run, the validation curve on one axis per data set (8-bit pixels
+    in bits/dim; binarised digits in nats), a ring at the epoch whose checkpoint was scored."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    eight = [c for c in curves if c['rows'][0]['val_nelbo_8bit_bpd'] is not None]
+    other = [c for c in curves if c['rows'][0]['val_nelbo_8bit_bpd'] is None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [3, 2]})
+    colours = {d: f'C{i}' for i, d in enumerate(dict.fromkeys(c['dist'] for c in curves))}
+    for ax, cs, key, sign, label in [
+            (axes[0], eight, 'val_nelbo_8bit_bpd', 1, 'validation -ELBO of the 8-bit pixels, bits/dim'),
+            (axes[1], other, 'val_elbo_nats', -1, 'validation -ELBO, nats per image')]:
+        for c in cs:
+            epochs = [r['epoch'] for r in c['rows']]
+            ys = [sign * r[key] for r in c['rows']]
+            first = c is next(d for d in cs if d['dist'] == c['dist'])
+            ax.plot(epochs, ys, '-', color=colours[c['dist']], lw=1.2, label=c['dist'] if first else None)
+            if c['best_epoch'] in epochs:
+                i = epochs.index(c['best_epoch'])
+                ax.plot([epochs[i]], [ys[i]], 'o', mfc='none', color=colours[c['dist']], ms=8)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(label + ' (lower is better)', fontsize=9)
+        ax.grid(alpha=0.3)
+        if cs:
+            ax.legend(fontsize=8)
+    axes[0].set_title('8-bit likelihoods (one line per run; o: the checkpoint scored)', fontsize=10)
+    axes[1].set_title(f"{other[0]['data'] if other else 'binarised'} digits (a different data set)", fontsize=10)
+    if eight:   # the range where the curves meet, not the first epoch's values
+        tail = sorted(r['val_nelbo_8bit_bpd'] for c in eight for r in c['rows'][len(c['rows']) // 4:])
+        axes[0].set_ylim(tail[0] - 0.05 * (tail[-1] - tail[0]) - 0.01, tail[-1] + 0.1 * (tail[-1] - tail[0]) + 0.01)
     fig.tight_layout()
     utils.save_png(fig, path)
 
@@ -343,9 +385,10 @@ def main(argv=None):
     info = {'torch': str(torch.__version__), 'git_commit': git_commit(),
             'device': f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
             f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else device.type})'}
-    rows, logp8, models, notes = [], [], {}, []
-    for run, model, ckpt, seconds in runs:
-        row, lp8 = evaluate_run(model, ckpt, seconds, test_x8, args, device)
+    rows, logp8, models, notes, curves = [], [], {}, [], []
+    for run, model, ckpt, metrics in runs:
+        row, lp8 = evaluate_run(model, ckpt, metrics, test_x8, args, device)
+        curves.append({'dist': row['dist'], 'data': model.lik.data_name, 'rows': metrics, 'best_epoch': ckpt['epoch']})
         rows.append({**row, **info})
         logp8.append(lp8)
         models.setdefault(row['dist'], model)
@@ -363,6 +406,7 @@ def main(argv=None):
                     ['seed', 'a', 'b', 'mean_log_bf_nats', 'stderr_nats', 'a_better_on_images'])
     plot_results(rows, summary, os.path.join(args.out, 'likelihoods.png'))
     plot_rows(models, test_x8, args.out)
+    plot_learning_curves(curves, os.path.join(args.out, 'learning_curves.png'))
     print_tables(rows, bfs, notes)
     print(f"\nwrote {args.out}/{', '.join(OUTPUTS)}; evaluation took {time.time() - t0:.0f} s")
 

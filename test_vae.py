@@ -181,6 +181,46 @@ def test_fused_categorical_head_matches_linear_cross_entropy(monkeypatch):
     assert torch.autograd.gradcheck(lambda *a: vae._CategoricalHeadNLL.apply(*a, t), (h, w, b))
 
 
+def test_fused_categorical_head_in_bf16_matches_fp32_within_bf16_rounding():
+    """Under --precision bf16 the head's matmuls take bf16 features; the NLL and the weights'
+    gradients stay fp32 and agree with the fp32 computation to bf16's precision."""
+    torch.manual_seed(0)
+    h = torch.randn(500, 16)
+    w, b = torch.randn(256, 16) * 0.3, torch.randn(256) * 0.1
+    t = torch.randint(0, 256, (500,))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hh = h.to(dtype).requires_grad_()
+        ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+        nll = vae._CategoricalHeadNLL.apply(hh, ww, bb, t)
+        assert nll.dtype == torch.float32
+        out[dtype] = (nll, *torch.autograd.grad(nll.sum(), (hh, ww, bb)))
+    for got, want in zip(out[torch.bfloat16], out[torch.float32]):
+        assert got.dtype == want.dtype or got.dtype == torch.bfloat16
+        assert (got.float() - want).norm() / want.norm() < 2e-2
+
+
+@pytest.mark.parametrize('dist', ALL)
+def test_a_bf16_training_step_matches_fp32_and_keeps_the_sums_in_fp32(dist):
+    """The same step under --precision bf16: the loss within 2 % of fp32's, fp32 log-likelihood
+    and KL, finite gradients that reach the encoder."""
+    x8 = random_x8(8, 1, 28, 28)
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = vae.build({'dist': dist, 'latent_dim': 4, 'bins': 256, 'sigma': 0.1})
+        x = model.lik.data(x8, torch.Generator().manual_seed(0))
+        log_px, kl, h = vae.elbo_terms(model, x, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        assert log_px.dtype == kl.dtype == torch.float32 and h.dtype == (dtype or torch.float32)
+        loss = model.lik.loss(h, x, log_px, kl, model.lik.default_kl_weight).mean()
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert model.encoder[0].weight.grad.abs().sum() > 0
+        losses[dtype] = loss.item()
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=0.02)
+
+
 # -----------------------------------------------------------------------------
 # the Continuous Bernoulli from logits, and exact 8-bit scores of the densities
 
@@ -603,18 +643,49 @@ def test_train_end_to_end(tmp_path, mnist_dir):
         assert (out / f).stat().st_size > 0, f
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert len(rows) == 1 and list(rows[0]) == train.METRICS
-    assert all(math.isfinite(float(v)) for v in rows[0].values())
+    assert rows[0]['val_nelbo_8bit_bpd'] == ''        # binarised digits: no 8-bit score
+    assert all(math.isfinite(float(v)) for k, v in rows[0].items() if k != 'val_nelbo_8bit_bpd')
     # the checkpoint is self-describing and is the model that was validated
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     assert ckpt['args']['dist'] == 'bernoulli' and ckpt['args']['latent_dim'] == 2
     model, _ = vae.load_checkpoint(str(out / 'model.pt'))
     lik = model.lik
-    val = vae.eval_data(lik, vae.load_mnist(mnist_dir)['val'][0])
-    elbo = train.evaluate(model, val)['val_elbo_nats']
+    val8 = vae.load_mnist(mnist_dir)['val'][0]
+    elbo = train.evaluate(model, vae.eval_data(lik, val8), val8)['val_elbo_nats']
     assert abs(elbo - float(rows[0]['val_elbo_nats'])) < 1e-3
     import matplotlib.image
     img = matplotlib.image.imread(out / 'reconstructions.png')
     assert img.shape[0] > 100 and img.shape[1] > 400 and img.std() > 0.05  # not blank
+
+
+def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(mnist_dir):
+    """val_nelbo_8bit_bpd = -(E_q log P(x8|z) - KL) / (784 ln 2), with the exact 8-bit score:
+    for categorical (256 levels) the same ELBO as val_elbo_nats; for a density, a different one."""
+    val8 = vae.load_mnist(mnist_dir)['val'][0][:300]
+    for dist, same in [('categorical', True), ('gaussian', False)]:
+        torch.manual_seed(0)
+        model = vae.build({'dist': dist, 'latent_dim': 2, 'bins': 256, 'sigma': 0.1})
+        m = train.evaluate(model, vae.eval_data(model.lik, val8), val8, batch_size=128)
+        assert m['val_nelbo_8bit_bpd'] > 0
+        assert math.isclose(-m['val_elbo_nats'] / train.BITS, m['val_nelbo_8bit_bpd'], rel_tol=1e-5) == same
+
+
+def test_patience_stops_early_keeps_the_best_and_resume_honours_it(tmp_path, monkeypatch, mnist_dir):
+    elbos = iter([-100.0, -99.0, -99.5, -99.7, -98.0, -97.0])
+    real = train.evaluate
+    monkeypatch.setattr(train, 'evaluate', lambda *a: {**real(*a), 'val_elbo_nats': next(elbos)})
+    out = tmp_path / 'run'
+    flags = ['--data-dir', mnist_dir, '--out-dir', str(out), '--subset', '128', '--batch-size', '128',
+             '--latent-dim', '2', '--patience', '2']
+    train.train(train.parse_args(flags + ['--epochs', '6']))
+    ckpt = torch.load(out / 'model.pt', weights_only=True)
+    assert ckpt['epoch'] == 2 and ckpt['epochs_trained'] == 4      # epochs 3 and 4 did not improve
+    assert [r['epoch'] for r in csv.DictReader(open(out / 'metrics.csv'))] == ['1', '2', '3', '4']
+    assert len(cmp.read_metrics(str(out), ckpt['epochs_trained'])) == 4
+    train.train(train.parse_args(flags + ['--epochs', '10', '--resume']))   # still no better: no epoch trained
+    assert [r['epoch'] for r in csv.DictReader(open(out / 'metrics.csv'))] == ['1', '2', '3', '4']
+    train.train(train.parse_args(flags + ['--epochs', '6', '--resume', '--patience', '0']))  # patience may change
+    assert torch.load(out / 'model.pt', weights_only=True)['epoch'] == 6
 
 
 # -----------------------------------------------------------------------------
@@ -629,7 +700,7 @@ def train_cmd(out, mnist_dir, *extra):
 
 def metric_values(run):
     """metrics.csv as written, without the wall-time column."""
-    return [{k: v for k, v in r.items() if k != 'seconds'} for r in csv.DictReader(open(run / 'metrics.csv'))]
+    return [{k: v for k, v in r.items() if k not in ('seconds', 'eval_seconds')} for r in csv.DictReader(open(run / 'metrics.csv'))]
 
 
 def same_weights(a, b):
@@ -817,7 +888,7 @@ def test_compare_script_on_tiny_runs(tiny_runs, mnist_dir, tmp_path):
     diff = -float(by['categorical-K16']['nll_8bit_nats']) + float(by['gaussian']['nll_8bit_nats'])
     assert len(bfs) == 1 and abs(float(bfs[0]['mean_log_bf_nats']) - diff) < 1e-2 + 2e-5 * abs(diff)  # 6 digits
     import matplotlib.image
-    for name in ['likelihoods.png', 'samples.png', 'reconstructions.png']:
+    for name in ['likelihoods.png', 'samples.png', 'reconstructions.png', 'learning_curves.png']:
         img = matplotlib.image.imread(out / name)
         assert img.shape[0] > 100 and img.std() > 0.05, name
 
@@ -1285,6 +1356,21 @@ def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
     assert len(calls) == 2 and calls[0].endswith('--resume') and calls[1].endswith('--overwrite')
 
 
+def test_make_compare_budget_is_the_default_or_long(tmp_path):
+    """make compare trains with at most 20 epochs and patience 3; BUDGET=long with 200 and 10,
+    in its own runs and results directories."""
+    makefile_sandbox(tmp_path)
+    for extra, run, budget, results in [([], 'runs/compare', '--epochs 20 --patience 3', 'results'),
+                                        (['BUDGET=long'], 'runs/long', '--epochs 200 --patience 10', 'results/long')]:
+        (tmp_path / 'calls.txt').unlink(missing_ok=True)
+        make = ['make', 'compare', 'DATA=d', 'DISTS=beta', 'PY=./fakepy'] + extra
+        subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        calls = (tmp_path / 'calls.txt').read_text().splitlines()
+        assert calls[0].startswith(f'train.py --dist beta --latent-dim 32 --seed 0 {budget} --data-dir d '
+                                   f'--out-dir {run}/beta-z32-s0')
+        assert calls[1].startswith(f'compare_likelihoods.py {run}/beta-z32-s0 --data-dir d --out {results} ')
+
+
 # -----------------------------------------------------------------------------
 # bench.py
 
@@ -1307,14 +1393,21 @@ def test_bench_tiny_run_writes_consistent_rows(mnist_dir, tmp_path):
             '--k', '5', '--device', 'cpu']
     bench.main(tiny + ['--epochs', '2', '--out', str(tmp_path / 'both.csv')])
     rows = list(csv.DictReader(open(tmp_path / 'both.csv')))
-    assert [(r['dist'], r['loop']) for r in rows] == [('bernoulli', 'train.py'), ('bernoulli', 'reference')]
+    assert [(r['dist'], r['precision'], r['loop']) for r in rows] == [
+        ('bernoulli', 'fp32', 'train.py'), ('bernoulli', 'fp32', 'reference'), ('bernoulli', 'bf16', 'train.py')]
     for r in rows:
-        f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s')}
+        f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s',
+                                      'train_mflop_img', 'epoch_gflop_s', 'peak_gflop_s', 'fraction')}
+        # FLOPs per image: at least the decoder's two 4x4 transposed convolutions (7x7x64 -> 14x14x32 ->
+        # 28x28x16), 2 FLOPs per multiply-add, forward and two backward products
+        assert 3 * 2 * (7 * 7 * 64 * 32 * 16 + 14 * 14 * 32 * 16 * 16) / 1e6 < f['train_mflop_img'] < 200
+        assert f['epoch_gflop_s'] == pytest.approx(f['epoch_img_s'] * f['train_mflop_img'] / 1e3, rel=0.01)
+        assert f['fraction'] == pytest.approx(f['epoch_gflop_s'] / f['peak_gflop_s'], rel=0.01)
         assert all(v > 0 for v in f.values()) and 0 <= float(r['data_seconds']) < f['epoch_seconds']
         assert f['epoch_img_s'] == pytest.approx(512 / f['epoch_seconds'], rel=0.01)
         assert r['eval_k'] == '5' and r['eval_n'] == '3' and r['torch'] == torch.__version__
         assert r['device'].startswith('cpu') and int(r['threads']) >= 1 and int(r['peak_rss_mb']) > 100
     # one epoch between two ceiling runs: its paired ceiling is the median of all, so ratio = epoch / ceiling
-    bench.main(tiny + ['--epochs', '1', '--loops', 'train.py', '--out', str(tmp_path / 'one.csv')])
+    bench.main(tiny + ['--epochs', '1', '--loops', 'train.py', '--precisions', 'fp32', '--out', str(tmp_path / 'one.csv')])
     (r,) = csv.DictReader(open(tmp_path / 'one.csv'))
     assert float(r['ratio']) == pytest.approx(float(r['epoch_img_s']) / float(r['ceiling_img_s']), rel=0.01)

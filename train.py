@@ -27,7 +27,8 @@ import vae  # noqa: E402
 from utils import number  # noqa: E402
 
 METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats',
-           'val_elbo_nats', 'val_recon_nats', 'val_kl_nats']
+           'val_elbo_nats', 'val_recon_nats', 'val_kl_nats', 'val_nelbo_8bit_bpd', 'eval_seconds']
+BITS = vae.N_PIXELS * math.log(2)   # nats per image -> bits per pixel
 RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,9 @@ def make_parser():
     p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dist', default='bernoulli', choices=list(vae.LIKELIHOODS), help='likelihood p(x|z)')
     p.add_argument('--latent-dim', type=number(int, 1, 4096), default=32)
-    p.add_argument('--epochs', type=number(int, 1, 100000), default=20)
+    p.add_argument('--epochs', type=number(int, 1, 100000), default=20, help='the most epochs to train')
+    p.add_argument('--patience', type=number(int, 0, 100000), default=0,
+                   help='stop when the validation ELBO has not improved for this many epochs (0: never)')
     p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
     p.add_argument('--lr', type=number(float, 0, 1, low_open=True), default=1e-3)
     p.add_argument('--samples', type=number(int, 1, 1000), default=1,
@@ -49,6 +52,10 @@ def make_parser():
     p.add_argument('--sigma', type=number(float, 1e-3, 1e3), default=0.1,
                    help='gaussian-fixed: the fixed std, beta^(-1/2)')
     p.add_argument('--bins', type=number(int, 2, 256), default=256, help='categorical: number of levels K')
+    p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
+                   help='bf16: the conv nets under bf16 autocast in training (likelihoods, KL and every '
+                        'reported number stay fp32; evaluation is fp32); auto: bf16 where the device '
+                        'has bf16 in hardware, else fp32')
     p.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1), default=0)
     p.add_argument('--device', default='auto', choices=utils.DEVICES)
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/ (downloaded there if missing)')
@@ -70,18 +77,27 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
-def evaluate(model, x, batch_size=250):
-    """Mean ELBO, E_q[log p(x|z)] and KL over the images x, in nats per image, with one
-    z per image drawn from a fixed-seed generator (the same numbers for the same weights)."""
+def evaluate(model, x, x8, batch_size=250):
+    """Mean ELBO, E_q[log p(x|z)] and KL over the images x (the likelihood's data of the 8-bit
+    images x8), in nats per image, and the negative ELBO of the 8-bit images themselves in
+    bits/dim (with the exact log P(x8|z); '' if the likelihood has none), with one z per image
+    drawn from a fixed-seed generator (the same numbers for the same weights)."""
     model.eval()
+    t0 = time.time()
     gen = torch.Generator(x.device).manual_seed(vae.EVAL_SEED)
-    recon = kl = 0.0
-    for xb in x.split(batch_size):
-        log_px, klb, _ = vae.elbo_terms(model, xb, generator=gen)
+    recon = kl = recon8 = 0.0
+    for xb, x8b in zip(x.split(batch_size), x8.split(batch_size)):
+        h, mu, logvar = model(xb, generator=gen)                  # h (1, B, 28, 28, F)
+        log_px = model.lik.log_prob(h, xb)                        # (1, B)
+        log_p8 = model.lik.log_prob_8bit(h, x8b, log_px)          # (1, B) or None
+        klb = vae.kl_normal(mu, logvar)
         recon += log_px.sum().item()
         kl += klb.sum().item()
+        recon8 = None if log_p8 is None else recon8 + log_p8.sum().item()
     n = x.shape[0]
-    return {'val_elbo_nats': (recon - kl) / n, 'val_recon_nats': recon / n, 'val_kl_nats': kl / n}
+    return {'val_elbo_nats': (recon - kl) / n, 'val_recon_nats': recon / n, 'val_kl_nats': kl / n,
+            'val_nelbo_8bit_bpd': '' if recon8 is None else (kl - recon8) / n / BITS,
+            'eval_seconds': time.time() - t0}
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +141,7 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-RESUME_MAY_CHANGE = ('epochs', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite')  # all other flags must match
+RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite')  # all other flags must match
 
 
 def command(args):
@@ -196,10 +212,11 @@ class NonFiniteLoss(FloatingPointError):
     batch = '?'
 
 
-def train_step(model, opt, x, kl_weight, samples=1):
-    """One optimiser step on the batch x (B, 1, 28, 28): forward, the training loss (negative
-    ELBO, KL weighted), backward, Adam. Returns the mean loss and the per-image ELBO (B,)."""
-    log_px, kl, h = vae.elbo_terms(model, x, samples)
+def train_step(model, opt, x, kl_weight, samples=1, dtype=None):
+    """One optimiser step on the batch x (B, 1, 28, 28): forward (the networks under autocast
+    to dtype, if given), the training loss (negative ELBO, KL weighted), backward, Adam.
+    Returns the mean loss and the per-image ELBO (B,)."""
+    log_px, kl, h = vae.elbo_terms(model, x, samples, dtype=dtype)
     loss = model.lik.loss(h, x, log_px, kl, kl_weight).mean()
     if not torch.isfinite(loss):
         raise NonFiniteLoss(loss.item())
@@ -217,7 +234,7 @@ def batches(lik, x8, gen, batch_size):
         yield lik.data(x8[idx], gen)
 
 
-def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None):
+def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None, dtype=None):
     """One pass over the training images (see batches). Returns the mean loss and ELBO per image."""
     model.train()
     n, loss_sum, elbo_sum = train_x8.shape[0], 0.0, 0.0
@@ -226,7 +243,7 @@ def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, des
                leave=False, disable=None, mininterval=1)
     for i, x in enumerate(bar, 1):
         try:
-            loss, elbo = train_step(model, opt, x, kl_weight, samples)
+            loss, elbo = train_step(model, opt, x, kl_weight, samples, dtype)
         except NonFiniteLoss as e:
             e.batch = f'{i}/{n_batches}'
             raise
@@ -258,6 +275,8 @@ def train(args):
     if args.resume and args.overwrite:
         sys.exit('error: --resume continues the run in --out-dir, --overwrite deletes it: choose one')
     device = utils.pick_device(args.device)
+    if args.precision == 'auto':          # recorded as what it resolved to: --resume elsewhere says so
+        args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
     existing_run(args)                    # refused before anything is loaded or written
     if args.resume:
         load_last(args)                   # its flags checked early; read again once locked
@@ -288,7 +307,8 @@ def fit(args, device, data, state=None):
     lik = model.lik
     kl_weight = lik.default_kl_weight if args.kl_weight is None else args.kl_weight
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
-    val_x = vae.eval_data(lik, data['val'][0]).to(device)   # fixed binarisation/noise
+    val_x8 = data['val'][0].to(device)
+    val_x = vae.eval_data(lik, val_x8)                       # fixed binarisation/noise
     test_x = vae.eval_data(lik, data['test'][0])[:16].to(device)  # as the whole test set is fixed
     gen = torch.Generator(device).manual_seed(args.seed)    # shuffling and data noise
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -301,6 +321,7 @@ def fit(args, device, data, state=None):
     best_epoch = None
     best_state = None
     done = 0
+    dtype = vae.PRECISIONS[args.precision]
 
     def save_last():
         utils.save_torch({
@@ -332,17 +353,21 @@ def fit(args, device, data, state=None):
 
     try:
         for epoch in range(done + 1, args.epochs + 1):
+            if args.patience and best_epoch is not None and done - best_epoch >= args.patience:
+                print(f'early stop: no better validation ELBO in the {done - best_epoch} epochs since epoch '
+                      f'{best_epoch} (--patience {args.patience})', flush=True)
+                break
             t0 = time.time()
             try:
                 train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight,
-                                                     args.samples, desc=f'epoch {epoch}/{args.epochs}')
+                                                     args.samples, f'epoch {epoch}/{args.epochs}', dtype)
             except NonFiniteLoss as e:
                 sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
                          f'{last_path} keeps epoch {done}' + (f' (best val ELBO {best:.2f} at epoch {best_epoch})'
                                                               if best_state is not None else '')
                          + '; no model.pt was written')
             row = {'epoch': epoch, 'train_loss': train_loss, 'train_elbo_nats': train_elbo,
-                   **evaluate(model, val_x)}
+                   **evaluate(model, val_x, val_x8)}
             row['seconds'] = time.time() - t0
             rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
             improved = row['val_elbo_nats'] > best
@@ -354,7 +379,9 @@ def fit(args, device, data, state=None):
             save_last()
             print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
                   f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
-                  f"KL {row['val_kl_nats']:6.2f})  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
+                  f"KL {row['val_kl_nats']:6.2f})" + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim"
+                                                        if row['val_nelbo_8bit_bpd'] != '' else '')
+                  + f"  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
 
         if best_state is None:
             sys.exit('error: the validation ELBO was never finite; no checkpoint was written')
@@ -365,6 +392,7 @@ def fit(args, device, data, state=None):
             'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False, 'overwrite': False},
             'state_dict': best_state,
             'epoch': best_epoch,
+            'epochs_trained': done,
             'val_elbo_nats': best,
             'torch': str(torch.__version__),
         }, ckpt_path)

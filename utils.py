@@ -101,6 +101,22 @@ def pick_device(name):
     return torch.device(name)
 
 
+def native_bf16(device):
+    """Whether device computes bf16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU
+    with AVX512-BF16 or AMX-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    if device.type != 'cpu':
+        return False
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
 # -----------------------------------------------------------------------------
 # files
 

@@ -342,17 +342,22 @@ def pixel(p):
 
 class _CategoricalHeadNLL(torch.autograd.Function):
     """-log softmax(h W^T + b)[target] for rows of per-pixel features h (M, F), in chunks:
-    never holds the (M, K) logits (200 MB for a batch), which makes a 256-way categorical
-    2x cheaper to train. The backward recomputes each chunk's logits:
-    d nll / d logits = softmax - onehot."""
+    never holds the (M, K) logits of a whole batch, which a 256-way categorical would spend
+    most of its step writing and reading. The backward recomputes each chunk's logits:
+    d nll / d logits = softmax - onehot. The matmuls run in h's dtype (bf16 under
+    --precision bf16), the softmax, the NLL and the weights' gradients in fp32."""
     chunk = 4096
 
     @staticmethod
+    def logits(h, weight, bias):   # (chunk, K), at least fp32
+        return torch.addmm(bias.to(h.dtype), h, weight.t().to(h.dtype)).to(weight.dtype)
+
+    @staticmethod
     def forward(ctx, h, weight, bias, target):
-        nll = h.new_empty(h.shape[0])
+        nll = weight.new_empty(h.shape[0])
         for s in range(0, h.shape[0], _CategoricalHeadNLL.chunk):
             sl = slice(s, s + _CategoricalHeadNLL.chunk)
-            logp = torch.log_softmax(torch.addmm(bias, h[sl], weight.t()), -1)  # (chunk, K)
+            logp = torch.log_softmax(_CategoricalHeadNLL.logits(h[sl], weight, bias), -1)
             nll[sl] = -logp.gather(-1, target[sl, None]).squeeze(-1)
         ctx.save_for_backward(h, weight, bias, target)
         return nll
@@ -361,13 +366,15 @@ class _CategoricalHeadNLL(torch.autograd.Function):
     def backward(ctx, grad):
         h, weight, bias, target = ctx.saved_tensors
         gh, gw, gb = torch.empty_like(h), torch.zeros_like(weight), torch.zeros_like(bias)
+        w = weight.to(h.dtype)
         for s in range(0, h.shape[0], _CategoricalHeadNLL.chunk):
             sl = slice(s, s + _CategoricalHeadNLL.chunk)
-            p = torch.softmax(torch.addmm(bias, h[sl], weight.t()), -1)  # (chunk, K)
+            p = torch.softmax(_CategoricalHeadNLL.logits(h[sl], weight, bias), -1)
             p.scatter_add_(-1, target[sl, None], p.new_full((p.shape[0], 1), -1.0))
             p.mul_(grad[sl, None])
-            gh[sl] = p @ weight
-            gw.addmm_(p.t(), h[sl])
+            ph = p.to(h.dtype)
+            gh[sl] = ph @ w
+            gw += (ph.t() @ h[sl]).to(gw.dtype)
             gb += p.sum(0)
         return gh, gw, gb, None
 
@@ -407,9 +414,13 @@ class Likelihood(nn.Module):
         """Unconstrained params (..., H, W, C) -> distribution over images (..., 1, H, W)."""
         raise NotImplementedError
 
+    def params(self, h):
+        """Decoder features (..., H, W, F), fp32 or bf16 -> unconstrained params (..., H, W, C) in fp32."""
+        return self.head(h.float())
+
     def forward(self, h):
         """Decoder features (..., H, W, F) -> p(x|z)."""
-        return self.dist(self.head(h))
+        return self.dist(self.params(h))
 
     def log_prob(self, h, x):
         return self(h).log_prob(x)  # (...,) nats per image
@@ -453,7 +464,7 @@ class DensityLik(Likelihood):
     def log_prob_8bit(self, h, x8, log_px=None):
         lo, hi = bin_edges(x8)
         lo, hi = lo.masked_fill(x8 == 0, -math.inf), hi.masked_fill(x8 == 255, math.inf)
-        return self.log_interval(self.head(h).double(), lo, hi).flatten(-3).sum(-1).float()
+        return self.log_interval(self.params(h).double(), lo, hi).flatten(-3).sum(-1).float()
 
 
 class BernoulliLik(Likelihood):
@@ -490,7 +501,7 @@ class ContinuousBernoulliLik(DensityLik):
         for xb in x8.split(batch):
             x = xb.float() / 255
             log_px, kl, h = elbo_terms(model, x, generator=gen)
-            logits = pixel(self.head(h)[..., 0])
+            logits = pixel(self.params(h)[..., 0])
             log_bce = images(Bernoulli(logits=logits, validate_args=False)).log_prob(x).mean(0)
             proper += (log_px - kl).sum().item()
             bce += (log_bce - kl).sum().item()
@@ -540,7 +551,7 @@ class FixedGaussianLik(GaussianLik):
     def loss(self, h, x, log_px, kl, kl_weight):
         """Mean over pixels of the squared error, averaged over the L samples, plus
         lambda * sum_j(-1 - log s_j^2 + mu_j^2 + s_j^2), which is lambda * 2 KL."""
-        mean = pixel(self.head(h)[..., 0])                # (L, B, 1, H, W)
+        mean = pixel(self.params(h)[..., 0])              # (L, B, 1, H, W)
         mse = (x - mean).pow(2).flatten(-3).mean(-1).mean(0)  # (B,)
         return mse + kl_weight * 2 * kl
 
@@ -652,6 +663,14 @@ def eval_data(lik, x8):
 # the VAE
 
 
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}  # --precision -> autocast dtype of the networks
+
+
+def autocast(device, dtype):
+    """Autocast of the conv nets to dtype on device; fp32 (a no-op) for dtype None."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def reparameterize(mu, logvar, samples=1, generator=None):
     """z = mu + sigma * eps, eps ~ N(0, I): (B, D) -> (L, B, D)."""
     eps = torch.randn((samples,) + mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -683,15 +702,14 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),             # (N, 32, 14, 14)
             nn.ConvTranspose2d(32, self.features, 4, 2, 1), nn.ReLU())  # (N, 16, 28, 28)
         self.lik = lik
-        # He initialisation. PyTorch's default shrinks the signal about 0.6x per ReLU layer:
-        # at this depth z starts as almost pure noise (posterior means vary 100x less than
-        # sigma), the decoder learns to ignore it and the posterior collapses (measured).
+        # He initialisation: PyTorch's default shrinks the signal at each ReLU layer, the decoder
+        # learns to ignore z and the posterior collapses (docs/measurements.md).
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
                 nn.init.zeros_(m.bias)
-        # Convolutions in channels-last (NHWC) layout: with it and smaller evaluation chunks,
-        # evaluation measured 1.5-2.8x faster on the CPU (README, Speed); decode's permute is free.
+        # Convolutions in channels-last (NHWC) layout: faster on the CPU (docs/measurements.md);
+        # decode's permute to (..., H, W, F) is then free.
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x):
@@ -703,17 +721,22 @@ class VAE(nn.Module):
         h = self.decoder(z.flatten(0, -2))               # (N, 16, 28, 28)
         return h.permute(0, 2, 3, 1).unflatten(0, z.shape[:-1])
 
-    def forward(self, x, samples=1, generator=None):
-        """x (B, 1, 28, 28) -> features h (L, B, 28, 28, 16), mu (B, D), logvar (B, D)."""
-        mu, logvar = self.encode(x)
+    def forward(self, x, samples=1, generator=None, dtype=None):
+        """x (B, 1, 28, 28) -> features h (L, B, 28, 28, 16), mu (B, D), logvar (B, D) (float32);
+        with dtype (torch.bfloat16) the two networks run under autocast to it, h in that dtype."""
+        with autocast(x.device, dtype):
+            mu, logvar = self.encode(x)
+        mu, logvar = mu.float(), logvar.float()             # q(z|x), its noise and the KL in fp32
         z = reparameterize(mu, logvar, samples, generator)  # (L, B, D)
-        return self.decode(z), mu, logvar
+        with autocast(x.device, dtype):
+            h = self.decode(z)
+        return h, mu, logvar        # h in the networks' dtype: each likelihood computes in fp32 from it
 
 
-def elbo_terms(model, x, samples=1, generator=None):
+def elbo_terms(model, x, samples=1, generator=None, dtype=None):
     """Per-image E_q[log p(x|z)] (mean over L samples) and KL (B,), and the features h.
     ELBO = log_px - kl, always with KL weight 1 and the normalised log-density."""
-    h, mu, logvar = model(x, samples, generator)
+    h, mu, logvar = model(x, samples, generator, dtype)
     return model.lik.log_prob(h, x).mean(0), kl_normal(mu, logvar), h
 
 
