@@ -26,7 +26,7 @@ RUN  := runs/$(DIST)-z$(LATENT)-s$(SEED)
 # make compare: every likelihood with the same latent dim, budget and seeds, in its own
 # directory, then the comparison on the test set. The budget: at most COMPARE_EPOCHS epochs,
 # stopping once the validation ELBO has not improved for COMPARE_PATIENCE epochs. The default
-# is about half an hour of training on a 2-core CPU; BUDGET=long trains to convergence, for a
+# fits one sitting on a small CPU (README, Results); BUDGET=long trains to convergence, for a
 # published table on a faster machine.
 DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic
 SEEDS ?= 0

@@ -202,7 +202,7 @@ def measure(dist, precision, args):
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
     rate = {loop: n / statistics.median(epoch_s[loop]) for loop in loops}
     return [{**common, 'loop': loop, 'epoch_img_s': round(rate[loop], 1),
-             'epoch_gflop_s': round(rate[loop] * flop_img / 1e9, 1), 'fraction': round(rate[loop] * flop_img / 1e9 / peak, 3),
+             'epoch_gflop_s': rate[loop] * flop_img / 1e9, 'fraction': rate[loop] * flop_img / 1e9 / peak,
              'ratio': round(statistics.median(ratios[loop]), 3),
              'epoch_seconds': round(statistics.median(epoch_s[loop]), 4), 'data_seconds': round(data_s[loop], 4),
              'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in loops]
@@ -239,7 +239,10 @@ def parse_args(argv=None):
     p.add_argument('--subset', type=number(int, 1, 50000), default=50000,
                    help='epoch: the first N training images (a quick check, not a benchmark)')
     p.add_argument('--out', default='results/bench.csv')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if 'train.py' not in args.loops and 'fp32' not in args.precisions:
+        p.error('the reference loop runs in fp32 only: add --precisions fp32 or --loops train.py')
+    return args
 
 
 def main(argv=None):

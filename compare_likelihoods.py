@@ -252,16 +252,17 @@ def plot_learning_curves(curves, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    eight = [c for c in curves if c['rows'][0]['val_nelbo_8bit_bpd'] is not None]
-    other = [c for c in curves if c['rows'][0]['val_nelbo_8bit_bpd'] is None]
+    eight = [c for c in curves if c['eight']]
+    other = [c for c in curves if not c['eight']]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [3, 2]})
     colours = {d: f'C{i}' for i, d in enumerate(dict.fromkeys(c['dist'] for c in curves))}
     for ax, cs, key, sign, label in [
             (axes[0], eight, 'val_nelbo_8bit_bpd', 1, 'validation -ELBO of the 8-bit pixels, bits/dim'),
             (axes[1], other, 'val_elbo_nats', -1, 'validation -ELBO, nats per image')]:
-        for c in cs:
-            epochs = [r['epoch'] for r in c['rows']]
-            ys = [sign * r[key] for r in c['rows']]
+        for c in cs:   # epochs without a finite value (an older metrics.csv, a non-finite epoch) left out
+            kept = [r for r in c['rows'] if r[key] is not None and math.isfinite(r[key])]
+            epochs = [r['epoch'] for r in kept]
+            ys = [sign * r[key] for r in kept]
             first = c is next(d for d in cs if d['dist'] == c['dist'])
             ax.plot(epochs, ys, '-', color=colours[c['dist']], lw=1.2, label=c['dist'] if first else None)
             if c['best_epoch'] in epochs:
@@ -274,8 +275,11 @@ def plot_learning_curves(curves, path):
             ax.legend(fontsize=8)
     axes[0].set_title('8-bit likelihoods (one line per run; o: the checkpoint scored)', fontsize=10)
     axes[1].set_title(f"{other[0]['data'] if other else 'binarised'} digits (a different data set)", fontsize=10)
-    if eight:   # the range where the curves meet, not the first epoch's values
-        tail = sorted(r['val_nelbo_8bit_bpd'] for c in eight for r in c['rows'][len(c['rows']) // 4:])
+    # the range where the curves meet, not the first epochs' values; every scored epoch inside it
+    tail = sorted(r['val_nelbo_8bit_bpd'] for c in eight for i, r in enumerate(c['rows'])
+                  if (i >= len(c['rows']) // 4 or r['epoch'] == c['best_epoch'])
+                  and r['val_nelbo_8bit_bpd'] is not None and math.isfinite(r['val_nelbo_8bit_bpd']))
+    if tail:
         axes[0].set_ylim(tail[0] - 0.05 * (tail[-1] - tail[0]) - 0.01, tail[-1] + 0.1 * (tail[-1] - tail[0]) + 0.01)
     fig.tight_layout()
     utils.save_png(fig, path)
@@ -388,7 +392,8 @@ def main(argv=None):
     rows, logp8, models, notes, curves = [], [], {}, [], []
     for run, model, ckpt, metrics in runs:
         row, lp8 = evaluate_run(model, ckpt, metrics, test_x8, args, device)
-        curves.append({'dist': row['dist'], 'data': model.lik.data_name, 'rows': metrics, 'best_epoch': ckpt['epoch']})
+        curves.append({'dist': row['dist'], 'data': model.lik.data_name, 'rows': metrics, 'best_epoch': ckpt['epoch'],
+                       'eight': lp8 is not None})
         rows.append({**row, **info})
         logp8.append(lp8)
         models.setdefault(row['dist'], model)

@@ -191,6 +191,8 @@ def load_last(args):
         sys.exit(f'error: --resume: {e}')
     if not isinstance(state, dict) or state.get('format') != LAST_FORMAT:
         sys.exit(f"error: --resume: {path} was not written by this project's train.py")
+    if args.precision == 'auto':          # continue in the precision the run was started in
+        args.precision = state['args'].get('precision', 'fp32')
     for k, v in state['args'].items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
@@ -275,11 +277,11 @@ def train(args):
     if args.resume and args.overwrite:
         sys.exit('error: --resume continues the run in --out-dir, --overwrite deletes it: choose one')
     device = utils.pick_device(args.device)
-    if args.precision == 'auto':          # recorded as what it resolved to: --resume elsewhere says so
-        args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
     existing_run(args)                    # refused before anything is loaded or written
     if args.resume:
         load_last(args)                   # its flags checked early; read again once locked
+    if args.precision == 'auto':          # recorded as what it resolved to
+        args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
     try:
         data = vae.load_mnist(args.data_dir)
     except vae.DataError as e:

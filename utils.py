@@ -105,8 +105,8 @@ def native_bf16(device):
     """Whether device computes bf16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU
     with AVX512-BF16 or AMX-BF16 (elsewhere bf16 is emulated, slower than fp32)."""
     import torch
-    if device.type == 'cuda':
-        return torch.cuda.is_bf16_supported()
+    if device.type == 'cuda':   # Ampere and later; older GPUs emulate it
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != 'cpu':
         return False
     try:

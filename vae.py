@@ -349,15 +349,16 @@ class _CategoricalHeadNLL(torch.autograd.Function):
     chunk = 4096
 
     @staticmethod
-    def logits(h, weight, bias):   # (chunk, K), at least fp32
-        return torch.addmm(bias.to(h.dtype), h, weight.t().to(h.dtype)).to(weight.dtype)
+    def logits(h, w, bias):   # (chunk, K) in the weights' dtype; w: the weights in h's dtype
+        return torch.addmm(bias, h, w.t()) if h.dtype == bias.dtype else (h @ w.t()).to(bias.dtype) + bias
 
     @staticmethod
     def forward(ctx, h, weight, bias, target):
         nll = weight.new_empty(h.shape[0])
+        w = weight.to(h.dtype)
         for s in range(0, h.shape[0], _CategoricalHeadNLL.chunk):
             sl = slice(s, s + _CategoricalHeadNLL.chunk)
-            logp = torch.log_softmax(_CategoricalHeadNLL.logits(h[sl], weight, bias), -1)
+            logp = torch.log_softmax(_CategoricalHeadNLL.logits(h[sl], w, bias), -1)
             nll[sl] = -logp.gather(-1, target[sl, None]).squeeze(-1)
         ctx.save_for_backward(h, weight, bias, target)
         return nll
@@ -369,7 +370,7 @@ class _CategoricalHeadNLL(torch.autograd.Function):
         w = weight.to(h.dtype)
         for s in range(0, h.shape[0], _CategoricalHeadNLL.chunk):
             sl = slice(s, s + _CategoricalHeadNLL.chunk)
-            p = torch.softmax(_CategoricalHeadNLL.logits(h[sl], weight, bias), -1)
+            p = torch.softmax(_CategoricalHeadNLL.logits(h[sl], w, bias), -1)
             p.scatter_add_(-1, target[sl, None], p.new_full((p.shape[0], 1), -1.0))
             p.mul_(grad[sl, None])
             ph = p.to(h.dtype)
