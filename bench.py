@@ -221,6 +221,13 @@ def in_fresh_process(*a):
 # main
 
 
+def cell(v):
+    """A table cell: floats to three significant digits (whole numbers from 100 up)."""
+    if not isinstance(v, float):
+        return str(v)
+    return f'{v:,.0f}' if abs(v) >= 100 else f'{v:.3g}'
+
+
 def parse_args(argv=None):
     p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dists', nargs='+', default=['bernoulli', 'categorical'], choices=list(vae.LIKELIHOODS))
@@ -268,7 +275,7 @@ def main(argv=None):
             'data pipeline s', 'eval img*k/s', 'train MFLOP/img', 'epoch GFLOP/s', 'GEMM peak GFLOP/s',
             'fraction of peak', 'peak RSS MB']
     for cells in [head, ['---'] * len(head)] + [[r[c] for c in TABLE] for r in rows]:   # a Markdown table
-        print('| ' + ' | '.join(str(c) for c in cells) + ' |')
+        print('| ' + ' | '.join(cell(c) for c in cells) + ' |')
     rate = {(r['dist'], r['precision']): r['epoch_img_s'] for r in rows if r['loop'] == 'train.py'}
     first = args.dists[0], args.precisions[0]
     for key in list(rate)[1:]:
