@@ -42,19 +42,17 @@ else ifeq ($(BUDGET),long)
 COMPARE_DIR    ?= runs/long
 COMPARE_EPOCHS ?= 200
 COMPARE_PATIENCE ?= 10
-K       ?= 100
-N_TEST  ?= 10000
-N_CURVE ?= 1000
 RESULTS ?= results/long
 else
 COMPARE_DIR    ?= runs/compare
 COMPARE_EPOCHS ?= 20
 COMPARE_PATIENCE ?= 3
+RESULTS ?= results
+endif
+# the evaluation (QUICK sets its own above)
 K       ?= 100
 N_TEST  ?= 10000
 N_CURVE ?= 1000
-RESULTS ?= results
-endif
 COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
 
 .PHONY: help train test compare latent latent-all bench figures

@@ -44,7 +44,6 @@ import torch  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
-BITS = vae.N_PIXELS * math.log(2)   # nats per image -> bits per pixel
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # two-sided 95% Student t quantiles
 COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds', 'test_data', 'scored_on', 'n_test',
@@ -127,10 +126,10 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     logp8 = logp if key == '8bit' else None
     if logp8 is not None:
         row['nll_8bit_nats'] = -logp8.mean().item()
-        row['bits_per_dim'] = row['nll_8bit_nats'] / BITS
+        row['bits_per_dim'] = row['nll_8bit_nats'] / vae.BITS
     if 'bound' in est:
         row['bound_nll_8bit_nats'] = -est['bound'].mean().item()
-        row['bound_bits_per_dim'] = row['bound_nll_8bit_nats'] / BITS
+        row['bound_bits_per_dim'] = row['bound_nll_8bit_nats'] / vae.BITS
     row['eval_seconds'] = time.time() - t0
     return row, logp8
 
@@ -212,7 +211,7 @@ def plot_results(rows, summary, path):
         if s['n_seeds'] > 1:   # 95% interval over seeds
             lo, hi = s['bits_per_dim_ci95_lo'], s['bits_per_dim_ci95_hi']
         else:                  # 95% interval over test images
-            half = 1.96 * rs[0]['iwae_stderr'] / BITS
+            half = 1.96 * rs[0]['iwae_stderr'] / vae.BITS
             lo, hi = s['bits_per_dim_mean'] - half, s['bits_per_dim_mean'] + half
         ax.errorbar([i], [s['bits_per_dim_mean']], yerr=[[s['bits_per_dim_mean'] - lo], [hi - s['bits_per_dim_mean']]],
                     fmt='o', color='C0', capsize=4, ms=8)

@@ -672,9 +672,9 @@ def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(dist, mnist
         h, mu, logvar = model(x, generator=torch.Generator().manual_seed(vae.EVAL_SEED))
         log_p8 = vae.DensityLik.log_prob_8bit(model.lik, h, val8) if model.lik.density else \
             F.log_softmax(model.lik.params(h), -1).gather(-1, val8.long().squeeze(1)[None, ..., None]).sum((-3, -2, -1))
-        want = -(log_p8 - vae.kl_normal(mu, logvar)).mean().item() / train.BITS
+        want = -(log_p8 - vae.kl_normal(mu, logvar)).mean().item() / vae.BITS
     assert m['val_nelbo_8bit_bpd'] == pytest.approx(want, rel=1e-5)
-    assert math.isclose(-m['val_elbo_nats'] / train.BITS, want, rel_tol=1e-5) == (not model.lik.density)
+    assert math.isclose(-m['val_elbo_nats'] / vae.BITS, want, rel_tol=1e-5) == (not model.lik.density)
 
 
 def test_precision_auto_follows_the_hardware_and_a_resume_keeps_the_runs_precision(tmp_path, monkeypatch, mnist_dir):

@@ -28,7 +28,6 @@ from utils import number  # noqa: E402
 
 METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats',
            'val_elbo_nats', 'val_recon_nats', 'val_kl_nats', 'val_nelbo_8bit_bpd', 'eval_seconds']
-BITS = vae.N_PIXELS * math.log(2)   # nats per image -> bits per pixel
 RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 
 # -----------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def evaluate(model, x, x8, batch_size=250):
         recon8 = None if log_p8 is None else recon8 + log_p8.sum().item()
     n = x.shape[0]
     return {'val_elbo_nats': (recon - kl) / n, 'val_recon_nats': recon / n, 'val_kl_nats': kl / n,
-            'val_nelbo_8bit_bpd': '' if recon8 is None else (kl - recon8) / n / BITS,
+            'val_nelbo_8bit_bpd': '' if recon8 is None else (kl - recon8) / n / vae.BITS,
             'eval_seconds': time.time() - t0}
 
 

@@ -23,6 +23,7 @@ from torch.distributions.utils import broadcast_all
 
 N_PIXELS = 784
 LOG256 = math.log(256)
+BITS = N_PIXELS * math.log(2)   # nats per image -> bits per pixel
 EVAL_SEED = 1234  # fixed noise for validation/test binarisation and dequantisation
 CKPT_FORMAT = 'conv-vae-likelihoods/1'
 MNIST_SHA256 = {   # of the uncompressed files, as published with the data set's mirrors
