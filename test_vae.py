@@ -384,6 +384,65 @@ def test_continuous_bernoulli_bins_match_quadrature():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+def test_log_gamma_matches_torch_lgamma():
+    x = torch.exp(torch.linspace(math.log(1e-3), math.log(1e20), 20001, dtype=torch.float64))
+    x = torch.cat([x, torch.tensor([1.0, 2.0, 0.5, 1e15, 1e15 * (1 + 1e-15)], dtype=torch.float64)])
+    torch.testing.assert_close(vae.log_gamma(x), torch.lgamma(x), rtol=1e-14, atol=1e-14)
+
+
+def test_fixed_series_equals_the_adaptive_one_where_it_says_it_is_enough():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    a, b = (torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-7, 9, generator=g)) for _ in range(2))
+    x = torch.rand(n, generator=g, dtype=torch.float64)
+    got = vae.log_series_terms(x * (a + b), a + 1, x, 48)
+    want = vae.log_series_sum(x * (a + b), a + 1, x)
+    ok = ~got.isnan()
+    assert 0.3 < ok.double().mean() < 0.95          # both outcomes occur
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-14, atol=1e-14)
+
+
+def beta_head_features(n=6, seed=0):
+    """Decoder features for the beta head below: concentrations from 1e-3 to 1e4 and every
+    8-bit value, so both the compiled loop and its eager fallback are taken."""
+    g = torch.Generator().manual_seed(seed)
+    lik = lik_of('beta')
+    with torch.no_grad():
+        lik.head.weight.copy_(torch.randn(2, vae.VAE.features, generator=g) * 3)
+    return lik, torch.randn(2, n, 28, 28, vae.VAE.features, generator=g), random_x8(n, 1, 28, 28, seed=seed)
+
+
+def test_beta_8bit_score_through_the_compiled_loop_equals_the_eager_path(monkeypatch):
+    lik, h, x8 = beta_head_features()
+    fused = lik.log_prob_8bit(h, x8)
+    params = lik.params(h)
+    raw, v = params.reshape(-1, 2), x8.squeeze(1).expand(params.shape[:-1]).reshape(-1)
+    bins = vae._beta_bins_fused(raw, v, lik.floor, torch.tensor(False))
+    i = bins.isnan()
+    again = vae._beta_bins_fused(raw[i], v[i], lik.floor, torch.tensor(True))
+    assert 0 < i.sum() < 0.5 * i.numel() and 0 < again.isnan().sum() < i.sum()    # all three paths taken
+    a, b = (vae.positive(raw[:, j].double(), lik.floor) for j in (0, 1))
+    lo, hi = vae.bin_edges(v)
+    exact = vae.beta_log_interval(a, b, lo, hi.clamp(max=1))
+    torch.testing.assert_close(bins[~i], exact[~i], rtol=1e-10, atol=1e-10)
+    j = ~again.isnan()
+    torch.testing.assert_close(again[j], exact[i][j], rtol=1e-10, atol=1e-10)
+    monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(None))
+    torch.testing.assert_close(fused, lik.log_prob_8bit(h, x8), rtol=1e-7, atol=0)   # float32 sums
+
+
+def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch):
+    def broken(*args):
+        raise RuntimeError('no C++ compiler')
+    monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(broken))
+    monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)
+    lik, h, x8 = beta_head_features(2)
+    with pytest.warns(UserWarning, match='torch.compile failed'):
+        got = lik.log_prob_8bit(h, x8)
+    assert vae._beta_bins_fused(torch.zeros(1, 2), torch.zeros(1, dtype=torch.uint8), 0.1, torch.tensor(False)) is None
+    torch.testing.assert_close(got, vae.DensityLik.log_prob_8bit(lik, h, x8))
+
+
 def test_beta_one_one_scores_exactly_8_bits_per_dim():
     """Beta(1, 1) is uniform on [0, 1]: every 8-bit value gets 1/256, 8 bits/dim exactly (up to
     the float64 rounding of a difference of CDFs)."""
