@@ -431,9 +431,12 @@ def test_beta_8bit_score_through_the_compiled_loop_equals_the_eager_path(monkeyp
     torch.testing.assert_close(fused, lik.log_prob_8bit(h, x8), rtol=1e-7, atol=0)   # float32 sums
 
 
-def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch):
-    def broken(*args):
-        raise RuntimeError('no C++ compiler')
+@pytest.mark.parametrize('fails', ['first call', 'second pass'])
+def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails):
+    def broken(raw, v, floor, at_half):
+        if fails == 'first call' or at_half:
+            raise RuntimeError('no C++ compiler')
+        return vae.beta_bins_terms(raw, v, floor, at_half)
     monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(broken))
     monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)
     lik, h, x8 = beta_head_features(2)

@@ -328,9 +328,9 @@ def log_gamma(x):
 
 def log_series_terms(c, d, x, terms):
     """log_series_sum from a fixed number of terms, summed backwards (Horner) as a fraction U / V
-    so the loop has no division; nan where the rest may exceed 1e-17 of the sum: the ratio of
-    successive terms moves monotonically towards x, so the rest is at most t rho / (1 - rho),
-    with t the first omitted term and rho = max(its ratio, x)."""
+    so the loop has no division (terms + 1 terms, t_0 to t_terms); nan where the rest may exceed
+    1e-17 of the sum: the ratio of successive terms moves monotonically towards x, so the rest
+    is at most t rho / (1 - rho), with t = t_terms and rho = max(the next ratio, x)."""
     u, v, t = torch.ones_like(x), torch.ones_like(x), torch.ones_like(x)
     for n in range(terms - 1, -1, -1):
         p, q = c + n * x, d + n
@@ -671,22 +671,22 @@ class BetaLik(DensityLik):
     def log_prob_8bit(self, h, x8, log_px=None):
         """As DensityLik's, through one compiled loop (beta_bins_terms) where torch.compile works:
         the pixels whose series needs more terms take the eager path."""
-        params = self.params(h)                                   # (..., B, H, W, 2)
+        params = self.params(h).detach()                          # (..., B, H, W, 2)
         raw = params.reshape(-1, 2)                               # (N, 2)
         v = x8.squeeze(-3).expand(params.shape[:-1]).reshape(-1)  # (N,)
         out = _beta_bins_fused(raw, v, self.floor, torch.tensor(False, device=raw.device))
         if out is None:
             return super().log_prob_8bit(h, x8, log_px)
-        for at_half in (True, None):       # the bins the series missed: the other side, then eager
-            i = out.isnan().nonzero().squeeze(1)
-            if len(i) == 0:
-                break
-            if at_half:
-                out[i] = _beta_bins_fused(raw[i], v[i], self.floor, torch.tensor(True, device=raw.device))
-            else:
-                lo, hi = bin_edges(v[i])
-                a, b = (positive(raw[i, j].double(), self.floor) for j in (0, 1))
-                out[i] = beta_log_interval(a, b, lo, hi.clamp(max=1))
+        i = out.isnan().nonzero().squeeze(1)       # the bins the series missed: the other side, then eager
+        if len(i) > 1:                             # (torch.compile would compile again for 1 element)
+            again = _beta_bins_fused(raw[i], v[i], self.floor, torch.tensor(True, device=raw.device))
+            if again is not None:
+                out[i] = again
+                i = i[again.isnan()]
+        if len(i):
+            lo, hi = bin_edges(v[i])
+            a, b = (positive(raw[i, j].double(), self.floor) for j in (0, 1))
+            out[i] = beta_log_interval(a, b, lo, hi.clamp(max=1))
         return out.view(params.shape[:-3] + (-1,)).sum(-1).float()
 
 
