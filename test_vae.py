@@ -35,6 +35,16 @@ def random_x8(*shape, seed=0):
     return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
+BETA_FUSED = vae._beta_bins_fused     # the compiled beta loop
+
+
+@pytest.fixture(autouse=True)
+def eager_beta(monkeypatch):
+    """Beta scores on its eager path, which the compiled loop equals (tested below with
+    BETA_FUSED): compiling it takes about a minute on a cold cache, once per process."""
+    monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(None))
+
+
 @pytest.fixture(scope='session')
 def mnist_dir():
     root = os.environ.get('MNIST_DATA', 'data')
@@ -413,6 +423,7 @@ def beta_head_features(n=6, seed=0):
 
 
 def test_beta_8bit_score_through_the_compiled_loop_equals_the_eager_path(monkeypatch):
+    monkeypatch.setattr(vae, '_beta_bins_fused', BETA_FUSED)
     lik, h, x8 = beta_head_features()
     fused = lik.log_prob_8bit(h, x8)
     params = lik.params(h)
