@@ -349,8 +349,8 @@ def beta_bins_terms(raw, x8, floor, at_half, terms=48):
     survival side above x = 1/2 instead of above the mean, whose series converges faster for
     bins between the two; it then answers only for those bins, and only where the bin holds at
     least 1e-3 of the larger CDF (at most 1e-12 lost to the difference). Elementwise only, for Fused."""
-    a, b = (F.softplus(raw[:, i].double()) + floor for i in (0, 1))
-    lo, hi = x8.double() / 256, (x8.double() + 1) / 256
+    a, b = (positive(raw[:, i].double(), floor) for i in (0, 1))
+    lo, hi = bin_edges(x8)
     by_mean = lo > a / (a + b)
     up = torch.where(at_half, lo >= 0.5, by_mean)
     s, t = torch.where(up, b, a), torch.where(up, a, b)
