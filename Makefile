@@ -17,18 +17,21 @@ LATENT ?= 32
 SEED   ?= 0
 EPOCHS ?= 20
 PATIENCE ?= 0
+OBJECTIVE ?= elbo
+IW_SAMPLES ?= 5
 TRAIN_FLAGS ?=
 
 VENV := .venv
 PY   := $(VENV)/bin/python
-RUN  := runs/$(DIST)-z$(LATENT)-s$(SEED)
+IWAE := $(if $(filter iwae,$(OBJECTIVE)),iwae$(IW_SAMPLES)/)
+RUN  := runs/$(IWAE)$(DIST)-z$(LATENT)-s$(SEED)
 
 # make compare: every likelihood with the same latent dim, budget and seeds, in its own
 # directory, then the comparison on the test set. The budget: at most COMPARE_EPOCHS epochs,
 # stopping once the validation ELBO has not improved for COMPARE_PATIENCE epochs. The default
 # fits one sitting on a small CPU (README, Results); BUDGET=long trains to convergence, for a
 # published table on a faster machine.
-DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic
+DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic logistic-mix
 SEEDS ?= 0
 ifdef QUICK
 COMPARE_DIR    ?= runs/quick
@@ -44,7 +47,7 @@ COMPARE_EPOCHS ?= 200
 COMPARE_PATIENCE ?= 10
 RESULTS ?= results/long
 else
-COMPARE_DIR    ?= runs/compare
+COMPARE_DIR    ?= runs/$(IWAE)compare
 COMPARE_EPOCHS ?= 20
 COMPARE_PATIENCE ?= 3
 RESULTS ?= results
@@ -59,7 +62,8 @@ COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$
 
 help:   # the targets and the variables they take
 	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 PATIENCE=0 TRAIN_FLAGS="--lr 3e-4"]'
-	@echo '              trains runs/<DIST>-z<LATENT>-s<SEED>/ (resumes an interrupted run)'
+	@echo '              [OBJECTIVE=iwae IW_SAMPLES=5]  (also for make compare: runs/iwae<K>/compare)'
+	@echo '              trains runs/<DIST>-z<LATENT>-s<SEED>/ (runs/iwae<K>/... for IWAE; resumes an interrupted run)'
 	@echo 'make test     DATA=dir              the tests (what CI runs)'
 	@echo 'make compare  DATA=dir [QUICK=1 | BUDGET=long] [SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
 	@echo '              trains every likelihood (at most COMPARE_EPOCHS=20 epochs, COMPARE_PATIENCE=3;'
@@ -120,9 +124,11 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@
 
-# runs/[group/]<dist>-z<latent>-s<seed>/model.pt: the directory name gives the flags. Split
-# from the right, since a dist name may contain '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS
-# are not in the name: changing them does not retrain an existing run.
+# runs/[iwae<K>/][group/]<dist>-z<latent>-s<seed>/model.pt: the directory name gives the flags
+# (iwae<K>: --objective iwae --iw-samples K). Split from the right, since a dist name may contain
+# '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS are not in the name: changing them does not
+# retrain an existing run.
+run_iw     = $(patsubst iwae%,%,$(filter iwae%,$(subst /, ,$1)))
 run_seed   = $(patsubst s%,%,$(lastword $(subst -, ,$1)))
 run_latent = $(patsubst z%,%,$(lastword $(subst -, ,$(patsubst %-s$(call run_seed,$1),%,$1))))
 run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
@@ -134,5 +140,6 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 # code is trained again from the start (--overwrite: train.py refuses to replace a run otherwise).
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
-	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) $(TRAIN_FLAGS) \
+	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) \
+	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(TRAIN_FLAGS) \
 	  $(if $(wildcard $@),--overwrite,$(if $(wildcard $(@D)/last.pt),--resume))

@@ -86,7 +86,7 @@ def check_runs(runs, device):
         except ValueError as e:
             sys.exit(f'error: {e}')
         a = ckpt['args']
-        key = (a['dist'] + model.lik.tag(), a['latent_dim'], a['seed'])
+        key = (vae.model_name(a, model.lik), a['latent_dim'], a['seed'])
         if key in models:
             sys.exit(f'error: {run} and {models[key]} hold the same model ({key[0]}, latent dim {key[1]}, '
                      f'seed {key[2]}): it would count as two seeds; keep one')
@@ -113,7 +113,7 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     b = max(1, vae.CHUNK // max(CURVE))
     curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b])[0][key]
                           for s in range(0, min(n, args.n_curve), b)], 1)
-    row = {'dist': a['dist'] + lik.tag(), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
+    row = {'dist': vae.model_name(a, lik), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
            'epochs': len(metrics), 'best_epoch': ckpt['epoch'], 'train_seconds': sum(r['seconds'] for r in metrics),
            'test_data': lik.data_name, 'scored_on': '8-bit pixels (exact)' if key == '8bit' else
            f'{lik.data_name} (not ranked)', 'n_test': n,

@@ -96,7 +96,7 @@ def manifold_latents(n, basis):
 
 
 def run_name(lik, a):
-    return (a['dist'] + lik.tag() + (f"-z{a['latent_dim']}" if a['latent_dim'] != 2 else '')
+    return (vae.model_name(a, lik) + (f"-z{a['latent_dim']}" if a['latent_dim'] != 2 else '')
             + (f"-s{a['seed']}" if a['seed'] != 0 else ''))
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import vae
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALL = list(vae.LIKELIHOODS)
 CHANNELS = {'bernoulli': 1, 'cbernoulli': 1, 'gaussian': 2, 'gaussian-fixed': 1, 'beta': 2,
-            'categorical': 256, 'logistic': 2}
+            'categorical': 256, 'logistic': 2, 'logistic-mix': 15}
 
 
 def lik_of(dist, **opts):
@@ -35,14 +36,15 @@ def random_x8(*shape, seed=0):
     return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-BETA_FUSED = vae._beta_bins_fused     # the compiled beta loop
+BETA_LOOPS = ('_beta_first_fused', '_beta_bins_fused', '_cf_fused')   # beta's compiled passes
 
 
 @pytest.fixture(autouse=True)
 def eager_beta(monkeypatch):
-    """Beta scores on its eager path, which the compiled loop equals (tested below with
-    BETA_FUSED): compiling it takes about a minute on a cold cache, once per process."""
-    monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(None))
+    """Beta scores on its eager path, which the compiled passes equal (tested below):
+    compiling them at full length takes minutes on a cold cache."""
+    for name in BETA_LOOPS:
+        monkeypatch.setattr(vae, name, vae.Fused(None))
 
 
 @pytest.fixture(scope='session')
@@ -79,7 +81,7 @@ def reference(dist, params, x, lik):
     return lp.flatten(-3).sum(-1)
 
 
-@pytest.mark.parametrize('dist', [d for d in ALL if d != 'logistic'])
+@pytest.mark.parametrize('dist', [d for d in ALL if not d.startswith('logistic')])
 def test_log_prob_matches_torch_distributions(dist):
     lik = lik_of(dist)
     x = lik.data(random_x8(5, 1, 6, 6))                    # (B, 1, H, W)
@@ -109,6 +111,41 @@ def test_discretized_logistic_matches_cdf_differences():
     assert torch.isfinite(got).all()
 
 
+def logistic_mix_head(mixtures=3, n=40, seed=0):
+    """A logistic-mix likelihood and decoder features giving n single pixels of varied mixtures."""
+    torch.manual_seed(seed)
+    lik = lik_of('logistic-mix', mixtures=mixtures)
+    return lik, torch.randn(1, n, 1, 1, vae.VAE.features) * torch.logspace(-1, 1, n).view(1, n, 1, 1, 1)
+
+
+def test_logistic_mixture_matches_its_mixed_cdf_differences():
+    """Against log sum_m pi_m (F_m(x + 1/510) - F_m(x - 1/510)) in float64, the end levels taking the tails."""
+    lik, h = logistic_mix_head()
+    levels = torch.arange(256, dtype=torch.float64)
+    got = lik.log_prob(h.expand(256, -1, -1, -1, -1), (levels / 255).float().view(256, 1, 1, 1, 1))   # (256, n)
+    logits, loc, raw = lik.params(h).double().squeeze(0).flatten(0, -2).chunk(3, -1)   # (n, M) each
+    scale = F.softplus(raw) + lik.scale_floor
+    upper = torch.where(levels == 255, math.inf, (levels + 0.5) / 255).view(-1, 1, 1)
+    lower = torch.where(levels == 0, -math.inf, (levels - 0.5) / 255).view(-1, 1, 1)
+    mass = torch.sigmoid((upper - loc) / scale) - torch.sigmoid((lower - loc) / scale)      # (256, n, M)
+    want = torch.log((torch.softmax(logits, -1) * mass).sum(-1))
+    ok = want > -20                                   # where float64 differences still hold digits
+    assert ok.double().mean() > 0.3
+    torch.testing.assert_close(got.double()[ok], want[ok], rtol=1e-4, atol=1e-4)
+
+
+def test_logistic_mixture_samples_follow_its_probabilities():
+    lik, h = logistic_mix_head(n=3)
+    draws = lik.sample(h.expand(100_000, -1, -1, -1, -1)).squeeze(-1).squeeze(-1).squeeze(-1)   # (100000, 3)
+    assert torch.equal(draws, torch.round(draws * 255) / 255)          # on the grid
+    levels = (torch.arange(256) / 255).view(256, 1, 1, 1, 1)
+    p = lik.log_prob(h.expand(256, -1, -1, -1, -1), levels).exp().double()    # (256, 3)
+    for j in range(3):
+        freq = torch.bincount(torch.round(draws[:, j] * 255).long(), minlength=256).double() / draws.shape[0]
+        assert (freq - p[:, j]).abs().max() < 0.006
+    assert torch.allclose(lik.mean(h).flatten(), (p * levels.view(256, 1)).sum(0).float(), atol=1e-5)
+
+
 @pytest.mark.parametrize('loc,scale', [(0.5, 0.01), (0.02, 0.03), (1.1, 0.2)])
 def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     """Hand-written sample and mean agree with log_prob: level frequencies of 200,000
@@ -124,7 +161,7 @@ def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
 
 
 @pytest.mark.parametrize('dist,bins', [('categorical', 256), ('categorical', 7), ('categorical', 2),
-                                       ('logistic', 256)])
+                                       ('logistic', 256), ('logistic-mix', 256)])
 def test_discrete_likelihoods_sum_to_one(dist, bins):
     """Sum of p over every level of a single pixel is 1, through lik.log_prob (the path
     training uses), for many random heads including extreme parameters."""
@@ -414,31 +451,59 @@ def test_fixed_series_equals_the_adaptive_one_where_it_says_it_is_enough():
 
 def beta_head_features(n=6, seed=0):
     """Decoder features for the beta head below: concentrations from 1e-3 to 1e4 and every
-    8-bit value, so both the compiled loop and its eager fallback are taken."""
+    8-bit value, a quarter of the pixels at 0 as in MNIST's background, so that every compiled
+    pass and the eager fallback are taken."""
     g = torch.Generator().manual_seed(seed)
     lik = lik_of('beta')
     with torch.no_grad():
         lik.head.weight.copy_(torch.randn(2, vae.VAE.features, generator=g) * 3)
-    return lik, torch.randn(2, n, 28, 28, vae.VAE.features, generator=g), random_x8(n, 1, 28, 28, seed=seed)
+    x8 = random_x8(n, 1, 28, 28, seed=seed)
+    x8[torch.rand(x8.shape, generator=g) < 0.25] = 0
+    return lik, torch.randn(2, n, 28, 28, vae.VAE.features, generator=g), x8
 
 
-def test_beta_8bit_score_through_the_compiled_loop_equals_the_eager_path(monkeypatch):
-    monkeypatch.setattr(vae, '_beta_bins_fused', BETA_FUSED)
+def test_continued_fraction_matches_scipy_betainc_where_it_converges():
+    from scipy.special import betainc
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    a, b = (torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-7, 9, generator=g)) for _ in range(2))
+    x = torch.rand(n, generator=g, dtype=torch.float64) * (a + 1) / (a + b + 2)     # below the switch
+    cf = vae.log_cf_terms(a, b, x)
+    got = a * x.log() + b * torch.log1p(-x) - a.log() - (torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)) + cf
+    want = torch.from_numpy(betainc(a.numpy(), b.numpy(), x.numpy())).log()
+    ok = ~cf.isnan() & (want > -600)       # scipy's betainc loses digits near its underflow
+    assert 0.5 < ok.double().mean() < 0.99          # both outcomes occur
+    # lgamma of concentrations up to 8e3 carries an absolute error of 1e-11 into log B(a, b)
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-12, atol=5e-11)
+
+
+def test_beta_8bit_score_through_the_compiled_passes_equals_the_eager_path(monkeypatch):
+    """Each compiled pass equals beta_log_interval where it answers and leaves some bins to the
+    next; compiled at 8 or 16 series terms and 8 fraction steps, so that more bins reach every pass
+    and a cold cache compiles in seconds."""
+    loops = (partial(vae.beta_first_bin_terms, terms=8), partial(vae.beta_bins_terms, terms=16),
+             partial(vae.log_cf_terms, iters=8))
+    for name, fn in zip(BETA_LOOPS, loops):
+        monkeypatch.setattr(vae, name, vae.Fused(fn))
     lik, h, x8 = beta_head_features()
     fused = lik.log_prob_8bit(h, x8)
     params = lik.params(h)
     raw, v = params.reshape(-1, 2), x8.squeeze(1).expand(params.shape[:-1]).reshape(-1)
-    bins = vae._beta_bins_fused(raw, v, lik.floor, torch.tensor(False))
-    i = bins.isnan()
-    again = vae._beta_bins_fused(raw[i], v[i], lik.floor, torch.tensor(True))
-    assert 0 < i.sum() < 0.5 * i.numel() and 0 < again.isnan().sum() < i.sum()    # all three paths taken
     a, b = (vae.positive(raw[:, j].double(), lik.floor) for j in (0, 1))
     lo, hi = vae.bin_edges(v)
     exact = vae.beta_log_interval(a, b, lo, hi.clamp(max=1))
-    torch.testing.assert_close(bins[~i], exact[~i], rtol=1e-10, atol=1e-10)
-    j = ~again.isnan()
-    torch.testing.assert_close(again[j], exact[i][j], rtol=1e-10, atol=1e-10)
-    monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(None))
+    z = v == 0
+    first = vae._beta_first_fused(raw[z], lik.floor)
+    bins = vae._beta_bins_fused(raw[~z], v[~z], lik.floor, torch.tensor(False))
+    i = bins.isnan()
+    again = vae._beta_bins_fused(raw[~z][i], v[~z][i], lik.floor, torch.tensor(True))
+    cf = vae.beta_bins_cf(a, b, lo, hi.clamp(max=1))
+    for got, want in ((first, exact[z]), (bins, exact[~z]), (again, exact[~z][i]), (cf, exact)):
+        ok = ~got.isnan()
+        assert 0 < ok.sum() < ok.numel()            # each pass answers some bins, not all
+        torch.testing.assert_close(got[ok], want[ok], rtol=1e-10, atol=1e-10)
+    for name in BETA_LOOPS:
+        monkeypatch.setattr(vae, name, vae.Fused(None))
     torch.testing.assert_close(fused, lik.log_prob_8bit(h, x8), rtol=1e-7, atol=0)   # float32 sums
 
 
@@ -449,7 +514,9 @@ def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails)
             raise RuntimeError('no C++ compiler')
         return vae.beta_bins_terms(raw, v, floor, at_half)
     monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(broken))
-    monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)
+    monkeypatch.setattr(vae, '_beta_first_fused', vae.Fused(vae.beta_first_bin_terms))
+    monkeypatch.setattr(vae, '_cf_fused', vae.Fused(vae.log_cf_terms))
+    monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)     # the others run eagerly
     lik, h, x8 = beta_head_features(2)
     with pytest.warns(UserWarning, match='torch.compile failed'):
         got = lik.log_prob_8bit(h, x8)
@@ -717,7 +784,8 @@ def test_train_end_to_end(tmp_path, mnist_dir):
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert len(rows) == 1 and list(rows[0]) == train.METRICS
     assert rows[0]['val_nelbo_8bit_bpd'] == ''        # binarised digits: no 8-bit score
-    assert all(math.isfinite(float(v)) for k, v in rows[0].items() if k != 'val_nelbo_8bit_bpd')
+    assert rows[0]['val_iwae_nats'] == ''             # trained on the ELBO: no K-sample bound
+    assert all(math.isfinite(float(v)) for k, v in rows[0].items() if k not in ('val_nelbo_8bit_bpd', 'val_iwae_nats'))
     # the checkpoint is self-describing and is the model that was validated
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     assert ckpt['args']['dist'] == 'bernoulli' and ckpt['args']['latent_dim'] == 2
@@ -768,7 +836,7 @@ def test_precision_auto_follows_the_hardware_and_a_resume_keeps_the_runs_precisi
 def test_patience_stops_early_keeps_the_best_and_resume_honours_it(tmp_path, monkeypatch, mnist_dir):
     elbos = iter([-100.0, -99.0, -99.5, -99.7, -98.0, -97.0])
     real = train.evaluate
-    monkeypatch.setattr(train, 'evaluate', lambda *a: {**real(*a), 'val_elbo_nats': next(elbos)})
+    monkeypatch.setattr(train, 'evaluate', lambda *a, **k: {**real(*a, **k), 'val_elbo_nats': next(elbos)})
     out = tmp_path / 'run'
     flags = ['--data-dir', mnist_dir, '--out-dir', str(out), '--subset', '128', '--batch-size', '128',
              '--latent-dim', '2', '--patience', '2']
@@ -891,6 +959,73 @@ def tiny_runs(tmp_path_factory, mnist_dir):
                                       str(seed), '--subset', '512', '--epochs', '1', '--latent-dim', '2'] + extra))
         runs.append(str(out))
     return runs
+
+
+# -----------------------------------------------------------------------------
+# the IWAE objective (train.py --objective iwae)
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return vae.VAE(lik_of('bernoulli'), latent_dim=4)
+
+
+def test_iwae_with_one_sample_is_the_elbo_of_its_draw_and_equals_the_elbo_on_average():
+    model, x = tiny_vae(), torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
+    bound, log_px, kl = vae.iwae_terms(model, x, 1, torch.Generator().manual_seed(2))
+    mu, logvar = model.encode(x)       # the same draw again: z = mu + sigma eps with the same eps
+    z = vae.reparameterize(mu, logvar, 1, torch.Generator().manual_seed(2))
+    single = model.lik.log_prob(model.decode(z), x)[0] + vae.log_prior_ratio(z, mu, logvar)[0]
+    torch.testing.assert_close(bound, single)
+    torch.testing.assert_close(log_px - kl, model.lik.log_prob(model.decode(z), x)[0] - vae.kl_normal(mu, logvar))
+    with torch.no_grad():              # over many draws, the K = 1 loss is the negative ELBO
+        draws = torch.stack([vae.iwae_terms(model, x, 1, torch.Generator().manual_seed(s))[0] for s in range(400)])
+        elbo = torch.stack([torch.sub(*vae.iwae_terms(model, x, 1, torch.Generator().manual_seed(s))[1:]) for s in range(400)])
+    gap = (draws - elbo).mean(0)       # the single-draw KL estimate minus the closed form: mean 0
+    assert (gap.abs() < 4 * (draws - elbo).std(0) / 20).all()
+
+
+def test_the_k_sample_bound_is_above_the_elbo_and_grows_with_k():
+    model, x = tiny_vae(), torch.bernoulli(torch.full((16, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        means = {}
+        for k in (1, 5, 50):
+            runs = [vae.iwae_terms(model, x, k, torch.Generator().manual_seed(s)) for s in range(20)]
+            means[k] = torch.stack([r[0] for r in runs]).mean().item()
+        elbo = torch.stack([r[1] - r[2] for r in runs]).mean().item()
+    assert elbo < means[5] < means[50] and means[1] < means[5]
+    assert means[1] == pytest.approx(elbo, abs=0.02 * abs(elbo))
+
+
+def test_an_iwae_step_reaches_the_encoder_and_reports_the_elbo():
+    model = tiny_vae()
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)     # lr 0: the weights stay, the gradients remain
+    loss, elbo = train.train_step(model, opt, x, 1.0, iw_samples=5)
+    grads = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert elbo.shape == (8,) and -loss > elbo.mean() - 1.0       # the bound, about at or above the ELBO
+
+
+def test_train_with_the_iwae_objective_records_it_and_resume_refuses_a_change(tmp_path, mnist_dir):
+    out = tmp_path / 'run'
+    flags = ['--data-dir', mnist_dir, '--out-dir', str(out), '--subset', '128', '--batch-size', '64',
+             '--latent-dim', '2', '--objective', 'iwae', '--iw-samples', '3']
+    train.train(train.parse_args(flags + ['--epochs', '1']))
+    ckpt = torch.load(out / 'model.pt', weights_only=True)
+    assert ckpt['args']['objective'] == 'iwae' and ckpt['args']['iw_samples'] == 3
+    (row,) = csv.DictReader(open(out / 'metrics.csv'))
+    assert float(row['val_iwae_nats']) > float(row['val_elbo_nats'])          # the bound above the ELBO
+    assert ckpt['val_objective_nats'] == pytest.approx(float(row['val_iwae_nats']), abs=1e-3)
+    assert ckpt['val_elbo_nats'] == pytest.approx(float(row['val_elbo_nats']), abs=1e-3)
+    model, _ = vae.load_checkpoint(str(out / 'model.pt'))
+    assert vae.model_name(ckpt['args'], model.lik) == 'bernoulli-iwae3'
+    elbo_flags = [f for f in flags if f not in ('--objective', 'iwae')]
+    with pytest.raises(SystemExit, match='written with --objective iwae, this run has --objective elbo'):
+        train.train(train.parse_args(elbo_flags + ['--epochs', '2', '--resume']))
+    with pytest.raises(SystemExit):
+        train.parse_args(flags + ['--kl-weight', '0.5'])      # the KL weight is an ELBO device
+    assert train.parse_args(['--objective', 'iwae']).out_dir == os.path.join('runs', 'iwae5', 'bernoulli-z32-s0')
 
 
 def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):

@@ -2,10 +2,11 @@
 
     python train.py --dist bernoulli --data-dir ../shared/mnist
 
-Writes into --out-dir (default runs/<dist>-z<latent>-s<seed>): model.pt (best checkpoint
-by validation ELBO), metrics.csv (one row per epoch), reconstructions.png, samples.png.
+Writes into --out-dir (default runs/<dist>-z<latent>-s<seed>, runs/iwae<K>/... for
+--objective iwae): model.pt (best checkpoint by the validation objective: the ELBO, or the
+K-sample bound), metrics.csv (one row per epoch), reconstructions.png, samples.png.
 All numbers are nats per image; the ELBO always uses the normalised log-density and KL
-weight 1, whatever objective (--kl-weight, MSE form) was optimised.
+weight 1, whatever objective (--kl-weight, MSE form, IWAE) was optimised.
 """
 import utils
 if __name__ == '__main__':
@@ -26,8 +27,8 @@ from tqdm import tqdm  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
-METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats',
-           'val_elbo_nats', 'val_recon_nats', 'val_kl_nats', 'val_nelbo_8bit_bpd', 'eval_seconds']
+METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats', 'val_elbo_nats', 'val_recon_nats',
+           'val_kl_nats', 'val_iwae_nats', 'val_nelbo_8bit_bpd', 'eval_seconds']
 RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 
 # -----------------------------------------------------------------------------
@@ -40,9 +41,13 @@ def make_parser():
     p.add_argument('--latent-dim', type=number(int, 1, 4096), default=32)
     p.add_argument('--epochs', type=number(int, 1, 100000), default=20, help='the most epochs to train')
     p.add_argument('--patience', type=number(int, 0, 100000), default=0,
-                   help='stop when the validation ELBO has not improved for this many epochs (0: never)')
+                   help='stop when the validation objective has not improved for this many epochs (0: never)')
     p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
     p.add_argument('--lr', type=number(float, 0, 1, low_open=True), default=1e-3)
+    p.add_argument('--objective', default='elbo', choices=['elbo', 'iwae'],
+                   help='training loss: the negative ELBO, or the negative K-sample importance-weighted '
+                        'bound (IWAE, Burda et al. 2016; tighter, K decoder passes per image)')
+    p.add_argument('--iw-samples', type=number(int, 1, 1000), default=5, help='K for --objective iwae')
     p.add_argument('--samples', type=number(int, 1, 1000), default=1,
                    help='L: Monte-Carlo samples of z per image for the reconstruction term')
     p.add_argument('--kl-weight', type=number(float, 0, 1e6), default=None,
@@ -51,6 +56,7 @@ def make_parser():
     p.add_argument('--sigma', type=number(float, 1e-3, 1e3), default=0.1,
                    help='gaussian-fixed: the fixed std, beta^(-1/2)')
     p.add_argument('--bins', type=number(int, 2, 256), default=256, help='categorical: number of levels K')
+    p.add_argument('--mixtures', type=number(int, 1, 64), default=5, help='logistic-mix: components per pixel')
     p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
                    help='bf16: the conv nets under bf16 autocast in training (likelihoods, KL and every '
                         'reported number stay fp32; evaluation is fp32); auto: bf16 where the device '
@@ -69,22 +75,27 @@ def make_parser():
 
 
 def parse_args(argv=None):
-    args = make_parser().parse_args(argv)
+    p = make_parser()
+    args = p.parse_args(argv)
+    if args.objective == 'iwae' and (args.kl_weight is not None or args.samples != 1):
+        p.error('--kl-weight and --samples shape the ELBO objective; --objective iwae takes --iw-samples K')
     if args.out_dir is None:
-        args.out_dir = os.path.join('runs', f'{args.dist}-z{args.latent_dim}-s{args.seed}')
+        group = f'iwae{args.iw_samples}' if args.objective == 'iwae' else ''
+        args.out_dir = os.path.join('runs', group, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
     return args
 
 
 @torch.inference_mode()
-def evaluate(model, x, x8, batch_size=250):
+def evaluate(model, x, x8, batch_size=250, iw_samples=None):
     """Mean ELBO, E_q[log p(x|z)] and KL over the images x (the likelihood's data of the 8-bit
     images x8), in nats per image, and the negative ELBO of the 8-bit images themselves in
     bits/dim (with the exact log P(x8|z); '' if the likelihood has none), with one z per image
-    drawn from a fixed-seed generator (the same numbers for the same weights)."""
+    drawn from a fixed-seed generator (the same numbers for the same weights). With iw_samples
+    K, also the K-sample bound (val_iwae_nats; else '')."""
     model.eval()
     t0 = time.time()
     gen = torch.Generator(x.device).manual_seed(vae.EVAL_SEED)
-    recon = kl = recon8 = 0.0
+    recon = kl = recon8 = bound = 0.0
     for xb, x8b in zip(x.split(batch_size), x8.split(batch_size)):
         h, mu, logvar = model(xb, generator=gen)                  # h (1, B, 28, 28, F)
         log_px = model.lik.log_prob(h, xb)                        # (1, B)
@@ -93,8 +104,11 @@ def evaluate(model, x, x8, batch_size=250):
         recon += log_px.sum().item()
         kl += klb.sum().item()
         recon8 = None if log_p8 is None else recon8 + log_p8.sum().item()
+        if iw_samples:
+            bound += vae.iwae_terms(model, xb, iw_samples, gen)[0].sum().item()
     n = x.shape[0]
     return {'val_elbo_nats': (recon - kl) / n, 'val_recon_nats': recon / n, 'val_kl_nats': kl / n,
+            'val_iwae_nats': bound / n if iw_samples else '',
             'val_nelbo_8bit_bpd': '' if recon8 is None else (kl - recon8) / n / vae.BITS,
             'eval_seconds': time.time() - t0}
 
@@ -192,7 +206,9 @@ def load_last(args):
         sys.exit(f"error: --resume: {path} was not written by this project's train.py")
     if args.precision == 'auto':          # continue in the precision the run was started in
         args.precision = state['args'].get('precision', 'fp32')
-    for k, v in state['args'].items():
+    p = make_parser()
+    saved = {**{k: p.get_default(k) for k in vars(args)}, **state['args']}   # flags newer than the run
+    for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
             sys.exit(f'error: --resume: {path} was written with {flag} {v}, this run has {flag} '
@@ -213,12 +229,17 @@ class NonFiniteLoss(FloatingPointError):
     batch = '?'
 
 
-def train_step(model, opt, x, kl_weight, samples=1, dtype=None):
+def train_step(model, opt, x, kl_weight, samples=1, dtype=None, iw_samples=None):
     """One optimiser step on the batch x (B, 1, 28, 28): forward (the networks under autocast
-    to dtype, if given), the training loss (negative ELBO, KL weighted), backward, Adam.
-    Returns the mean loss and the per-image ELBO (B,)."""
-    log_px, kl, h = vae.elbo_terms(model, x, samples, dtype=dtype)
-    loss = model.lik.loss(h, x, log_px, kl, kl_weight).mean()
+    to dtype, if given), the training loss (the likelihood's negative ELBO, KL weighted; or
+    with iw_samples K the negative K-sample bound), backward, Adam. Returns the mean loss and
+    the per-image ELBO (B,)."""
+    if iw_samples:
+        bound, log_px, kl = vae.iwae_terms(model, x, iw_samples, dtype=dtype)
+        loss = -bound.mean()
+    else:
+        log_px, kl, h = vae.elbo_terms(model, x, samples, dtype=dtype)
+        loss = model.lik.loss(h, x, log_px, kl, kl_weight).mean()
     if not torch.isfinite(loss):
         raise NonFiniteLoss(loss.item())
     opt.zero_grad(set_to_none=True)
@@ -235,7 +256,8 @@ def batches(lik, x8, gen, batch_size):
         yield lik.data(x8[idx], gen)
 
 
-def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None, dtype=None):
+def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None, dtype=None,
+                iw_samples=None):
     """One pass over the training images (see batches). Returns the mean loss and ELBO per image."""
     model.train()
     n, loss_sum, elbo_sum = train_x8.shape[0], 0.0, 0.0
@@ -244,7 +266,7 @@ def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, des
                leave=False, disable=None, mininterval=1)
     for i, x in enumerate(bar, 1):
         try:
-            loss, elbo = train_step(model, opt, x, kl_weight, samples, dtype)
+            loss, elbo = train_step(model, opt, x, kl_weight, samples, dtype, iw_samples)
         except NonFiniteLoss as e:
             e.batch = f'{i}/{n_batches}'
             raise
@@ -301,12 +323,19 @@ def train(args):
 
 def fit(args, device, data, state=None):
     """Train from scratch or from a last.pt state, writing last.pt and metrics.csv every epoch
-    and model.pt (the best epoch by validation ELBO) at the end; Ctrl-C, SIGTERM or a kill
+    and model.pt (the best epoch by the validation objective) at the end; Ctrl-C, SIGTERM or a kill
     leave last.pt for --resume."""
     torch.manual_seed(args.seed)
     model = vae.build(vars(args)).to(device)
     lik = model.lik
     kl_weight = lik.default_kl_weight if args.kl_weight is None else args.kl_weight
+    iw = args.iw_samples if args.objective == 'iwae' else None
+    if iw:
+        kl_weight = 1.0
+        if lik.loss_form:
+            print(f'note: --objective iwae trains {args.dist} on its normalised log-density, not {lik.loss_form}')
+    select = 'val_iwae_nats' if iw else 'val_elbo_nats'      # the validation objective picks model.pt
+    said = f'val IWAE-{iw} bound' if iw else 'val ELBO'
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x8 = data['val'][0].to(device)
     val_x = vae.eval_data(lik, val_x8)                       # fixed binarisation/noise
@@ -315,7 +344,7 @@ def fit(args, device, data, state=None):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ckpt_path = os.path.join(args.out_dir, 'model.pt')
     last_path = os.path.join(args.out_dir, 'last.pt')
-    title = f'{args.dist}, latent dim {args.latent_dim}'
+    title = f'{args.dist}, latent dim {args.latent_dim}' + (f', IWAE K = {iw}' if iw else '')
     n = train_x8.shape[0]
     rows = []
     best = -math.inf
@@ -355,32 +384,32 @@ def fit(args, device, data, state=None):
     try:
         for epoch in range(done + 1, args.epochs + 1):
             if args.patience and best_epoch is not None and done - best_epoch >= args.patience:
-                print(f'early stop: no better validation ELBO in the {done - best_epoch} epochs since epoch '
+                print(f'early stop: no better {said} in the {done - best_epoch} epochs since epoch '
                       f'{best_epoch} (--patience {args.patience})', flush=True)
                 break
             t0 = time.time()
             try:
                 train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight,
-                                                     args.samples, f'epoch {epoch}/{args.epochs}', dtype)
+                                                     args.samples, f'epoch {epoch}/{args.epochs}', dtype, iw)
             except NonFiniteLoss as e:
                 sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
-                         f'{last_path} keeps epoch {done}' + (f' (best val ELBO {best:.2f} at epoch {best_epoch})'
+                         f'{last_path} keeps epoch {done}' + (f' (best {said} {best:.2f} at epoch {best_epoch})'
                                                               if best_state is not None else '')
                          + '; no model.pt was written')
             row = {'epoch': epoch, 'train_loss': train_loss, 'train_elbo_nats': train_elbo,
-                   **evaluate(model, val_x, val_x8)}
+                   **evaluate(model, val_x, val_x8, iw_samples=iw)}
             row['seconds'] = time.time() - t0
             rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
-            improved = row['val_elbo_nats'] > best
+            improved = row[select] > best
             if improved:
-                best, best_epoch = row['val_elbo_nats'], epoch
+                best, best_epoch = row[select], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             done = epoch
             utils.write_csv(rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
             save_last()
             print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
                   f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
-                  f"KL {row['val_kl_nats']:6.2f})" + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim"
+                  f"KL {row['val_kl_nats']:6.2f})" + (f"  IWAE-{iw} {row['val_iwae_nats']:9.2f}" if iw else '') + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim"
                                                         if row['val_nelbo_8bit_bpd'] != '' else '')
                   + f"  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
 
@@ -394,10 +423,11 @@ def fit(args, device, data, state=None):
             'state_dict': best_state,
             'epoch': best_epoch,
             'epochs_trained': done,
-            'val_elbo_nats': best,
+            'val_elbo_nats': float(next(r for r in rows if r['epoch'] == best_epoch)['val_elbo_nats']),
+            'val_objective_nats': best,
             'torch': str(torch.__version__),
         }, ckpt_path)
-        print(f'best val ELBO {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
+        print(f'best {said} {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
               f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
     except KeyboardInterrupt:
         if __name__ == '__main__':        # a second Ctrl-C while this script exits

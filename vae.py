@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, Beta, Categorical, Distribution, Independent, Normal, constraints
+from torch.distributions import (Bernoulli, Beta, Categorical, Distribution, Independent, MixtureSameFamily, Normal,
+                                 constraints)
 from torch.distributions.utils import broadcast_all
 
 N_PIXELS = 784
@@ -305,7 +306,7 @@ class Fused:
         except Exception as e:   # torch raises many kinds (BackendCompilerFailed, OSError, ...)
             import warnings
             warnings.warn(f'torch.compile failed ({type(e).__name__}: {str(e)[:200]}); '
-                          f'{self.fn.__name__} runs eagerly from now on')
+                          f'{getattr(self.fn, "__name__", "the loop")} runs eagerly from now on')
             self.fn = None
             return None
 
@@ -329,7 +330,7 @@ def log_gamma(x):
 def log_series_terms(c, d, x, terms):
     """log_series_sum from a fixed number of terms, summed backwards (Horner) as a fraction U / V
     so the loop has no division (terms + 1 terms, t_0 to t_terms); nan where the rest may exceed
-    1e-17 of the sum: the ratio of successive terms moves monotonically towards x, so the rest
+    1e-15 of the sum: the ratio of successive terms moves monotonically towards x, so the rest
     is at most t rho / (1 - rho), with t = t_terms and rho = max(the next ratio, x)."""
     u, v, t = torch.ones_like(x), torch.ones_like(x), torch.ones_like(x)
     for n in range(terms - 1, -1, -1):
@@ -338,7 +339,7 @@ def log_series_terms(c, d, x, terms):
         if n % 16 == 0:                       # rescale before the products overflow
             u, t, v = u / v, t / v, torch.ones_like(v)
     rho = torch.maximum((c + terms * x) / (d + terms), x)
-    ok = (rho < 1) & (t * rho < 1e-17 * (1 - rho) * u)     # false for inf and nan
+    ok = (rho < 1) & (t * rho < 1e-15 * (1 - rho) * u)     # false for inf and nan
     return torch.where(ok, u.log(), math.nan)
 
 
@@ -367,7 +368,59 @@ def beta_bins_terms(raw, x8, floor, at_half, terms=48):
     return torch.where(ok, l1 + torch.log(-torch.expm1(l0 - l1)), math.nan)
 
 
-_beta_bins_fused = Fused(beta_bins_terms)
+def log_cf_terms(a, b, x, iters=24):
+    """log of the continued fraction h with I_x(a, b) = x^a (1 - x)^b h / (a B(a, b)) (Numerical
+    Recipes' betacf, modified Lentz), from a fixed number of iterations; fast for x below
+    (a + 1) / (a + b + 2); nan where its last step still changes h by 1e-14 (or a denominator
+    vanished: without Lentz's guards the loop stays small)."""
+    c, d = torch.ones_like(x), 1 / (1 - (a + b) * x / (a + 1))
+    h = delta = d
+    for m in range(1, iters + 1):
+        for coef in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 / (1 + coef * d)
+            c = 1 + coef / c
+            delta = d * c
+            h = h * delta
+    ok = ((delta - 1).abs() < 1e-14) & (h > 0)      # false for nan
+    return torch.where(ok, h.log(), math.nan)
+
+
+def beta_bins_cf(a, b, lo, hi):
+    """beta_log_interval from the continued fraction (log_cf_terms, compiled by Fused, both
+    edges in one call) instead of the series, for the bins the series misses (x near the mean
+    of a peaked Beta): each edge takes I_x(a, b) below (a + 1) / (a + b + 2) and the survival
+    side above it; a bin across that point is 1 - I_lo - S_hi. nan where the fraction does not
+    converge, None where compiling fails."""
+    a2, b2, x = torch.cat([a, a]), torch.cat([b, b]), torch.cat([lo, hi])
+    up = x > (a2 + 1) / (a2 + b2 + 2)
+    s, t, y = torch.where(up, b2, a2), torch.where(up, a2, b2), torch.where(up, 1 - x, x)
+    inner = (y > 0) & (y < 1)
+    ys = torch.where(inner, y, 0.5)
+    cf = _cf_fused(s, t, ys)
+    if cf is None:
+        return None
+    li = s * ys.log() + t * torch.log1p(-ys) - s.log() - (torch.lgamma(s) + torch.lgamma(t) - torch.lgamma(s + t)) + cf
+    li = torch.where(inner, li, torch.where(y > 0, 0.0, -math.inf))
+    (l0, l1), (up0, up1) = li.chunk(2), up.chunk(2)
+    same = up0 == up1
+    big, small = torch.where(up0, l0, l1), torch.where(up0, l1, l0)   # the bin is big - small
+    across = torch.logaddexp(l0, l1)                                  # log (I_lo + S_hi)
+    out = torch.where(same, big + torch.log(-torch.expm1(small - big)), torch.log(-torch.expm1(across)))
+    ok = torch.where(same, small < big, across < 0)      # false for nan
+    return torch.where(ok, out, math.nan)
+
+
+def beta_first_bin_terms(raw, floor, terms=32):
+    """beta_bins_terms for pixels at 0, whose bin [0, 1/256) has one edge to compute:
+    log I_(1/256)(a, b) from the series cut at `terms` terms, nan where those do not suffice."""
+    a, b = (positive(raw[:, i].double(), floor) for i in (0, 1))
+    x = torch.full_like(a, 1 / 256)
+    lb = log_gamma(a) + log_gamma(b) - log_gamma(a + b)
+    return a * x.log() + b * torch.log1p(-x) - a.log() - lb + log_series_terms(x * (a + b), a + 1, x, terms)
+
+
+_beta_bins_fused, _beta_first_fused, _cf_fused = Fused(beta_bins_terms), Fused(beta_first_bin_terms), Fused(log_cf_terms)
 
 
 class DiscretizedLogistic(Distribution):
@@ -483,6 +536,7 @@ class Likelihood(nn.Module):
     data_name = 'gray values'
     density = False
     clipped = False
+    loss_form = None      # the name of its own training loss (Likelihood.loss) where it has one
     options = ()
     diagnostic_columns = ()
 
@@ -622,6 +676,7 @@ class FixedGaussianLik(GaussianLik):
     """Normal with a fixed std sigma, trained in the MSE form."""
     channels = 1
     options = ('sigma',)
+    loss_form = 'the MSE form with KL weight lambda'
 
     def __init__(self, features, sigma=0.1, **_):
         super().__init__(features)
@@ -669,24 +724,32 @@ class BetaLik(DensityLik):
         return beta_log_interval(base.concentration1, base.concentration0, lo.clamp(0, 1), hi.clamp(0, 1))
 
     def log_prob_8bit(self, h, x8, log_px=None):
-        """As DensityLik's, through one compiled loop (beta_bins_terms) where torch.compile works:
-        the pixels whose series needs more terms take the eager path."""
+        """As DensityLik's, in passes compiled by torch.compile (Fused): the series at the one
+        edge of the bins at 0 (most pixels), at both edges of the others on the mean's side, again
+        at 1/2, then the continued fraction; the eager path takes the bins all of them miss, and
+        every bin where compiling fails."""
         params = self.params(h).detach()                          # (..., B, H, W, 2)
         raw = params.reshape(-1, 2)                               # (N, 2)
         v = x8.squeeze(-3).expand(params.shape[:-1]).reshape(-1)  # (N,)
-        out = _beta_bins_fused(raw, v, self.floor, torch.tensor(False, device=raw.device))
-        if out is None:
-            return super().log_prob_8bit(h, x8, log_px)
-        i = out.isnan().nonzero().squeeze(1)       # the bins the series missed: the other side, then eager
-        if len(i) > 1:                             # (torch.compile would compile again for 1 element)
-            again = _beta_bins_fused(raw[i], v[i], self.floor, torch.tensor(True, device=raw.device))
-            if again is not None:
-                out[i] = again
-                i = i[again.isnan()]
-        if len(i):
+        out = torch.full(v.shape, math.nan, dtype=torch.float64, device=v.device)
+        side = {f: torch.tensor(f, device=raw.device) for f in (False, True)}
+
+        def ab_edges(i):      # Beta(a, b) and the bin [lo, hi) of pixels i, float64
             lo, hi = bin_edges(v[i])
-            a, b = (positive(raw[i, j].double(), self.floor) for j in (0, 1))
-            out[i] = beta_log_interval(a, b, lo, hi.clamp(max=1))
+            return (*(positive(raw[i, j].double(), self.floor) for j in (0, 1)), lo, hi.clamp(max=1))
+        nonzero = v != 0         # most pixels are 0: their bin has one edge to compute, not two
+        passes = ((lambda: ~nonzero, lambda i: _beta_first_fused(raw[i], self.floor)),
+                  (lambda: nonzero, lambda i: _beta_bins_fused(raw[i], v[i], self.floor, side[False])),
+                  (lambda: out.isnan() & nonzero, lambda i: _beta_bins_fused(raw[i], v[i], self.floor, side[True])),
+                  (lambda: out.isnan(), lambda i: beta_bins_cf(*ab_edges(i))))
+        for pick, run in passes:
+            i = pick().nonzero().squeeze(1)
+            got = run(i) if len(i) > 1 else None     # (torch.compile would compile again for 1 element)
+            if got is not None:
+                out[i] = got
+        i = out.isnan().nonzero().squeeze(1)
+        if len(i):
+            out[i] = beta_log_interval(*ab_edges(i))
         return out.view(params.shape[:-3] + (-1,)).sum(-1).float()
 
 
@@ -745,6 +808,26 @@ class LogisticLik(Likelihood):
         return images(DiscretizedLogistic(loc, scale, validate_args=False))
 
 
+class LogisticMixLik(Likelihood):
+    """A mixture of M discretised logistics per pixel over the 256 levels (PixelCNN++'s
+    likelihood, here with independent pixels): M mixture logits, M locations, M scales."""
+    scale_floor = 1e-3
+    data_name = '8-bit levels'
+    options = ('mixtures',)
+
+    def __init__(self, features, mixtures=5, **_):
+        self.mixtures, self.channels = mixtures, 3 * mixtures
+        super().__init__(features)
+
+    def tag(self):
+        return '' if self.mixtures == 5 else f'-m{self.mixtures}'
+
+    def dist(self, params):
+        logits, loc, raw = params.unsqueeze(-4).chunk(3, -1)       # (..., 1, H, W, M) each
+        comp = DiscretizedLogistic(loc, positive(raw, self.scale_floor), validate_args=False)
+        return images(MixtureSameFamily(Categorical(logits=logits), comp, validate_args=False))
+
+
 LIKELIHOODS = {  # --dist name -> likelihood class
     'bernoulli': BernoulliLik,
     'cbernoulli': ContinuousBernoulliLik,
@@ -753,6 +836,7 @@ LIKELIHOODS = {  # --dist name -> likelihood class
     'beta': BetaLik,
     'categorical': CategoricalLik,
     'logistic': LogisticLik,
+    'logistic-mix': LogisticMixLik,
 }
 
 
@@ -849,6 +933,27 @@ def elbo_terms(model, x, samples=1, generator=None, dtype=None):
     return model.lik.log_prob(h, x).mean(0), kl_normal(mu, logvar), h
 
 
+def log_prior_ratio(z, mu, logvar):
+    """log p(z) - log q(z|x) of draws z (K, B, D) from q = N(mu, diag(exp(logvar))): (K, B)."""
+    return Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(-1)
+
+
+def iwae_terms(model, x, k, generator=None, dtype=None):
+    """The k-sample importance-weighted bound on log p(x) (Burda et al. 2016) per image (B,),
+    log mean_i p(x, z_i) / q(z_i|x) over k draws z_i ~ q(z|x), with the likelihood's normalised
+    log-density; also the mean of log p(x|z_i) and the closed-form KL (B,), whose difference
+    is the ELBO from the same draws."""
+    with autocast(x.device, dtype):
+        mu, logvar = model.encode(x)
+    mu, logvar = mu.float(), logvar.float()
+    z = reparameterize(mu, logvar, k, generator)              # (K, B, D)
+    with autocast(x.device, dtype):
+        h = model.decode(z)                                   # (K, B, 28, 28, F)
+    log_px = model.lik.log_prob(h, x)                         # (K, B)
+    bound = torch.logsumexp(log_px + log_prior_ratio(z, mu, logvar), 0) - math.log(k)
+    return bound, log_px.mean(0), kl_normal(mu, logvar)
+
+
 # -----------------------------------------------------------------------------
 # estimators of log p(x): importance sampling with the encoder as proposal
 
@@ -863,13 +968,12 @@ def log_weights(model, x, k, generator=None, x8=None, xdeq=None, chunk=CHUNK):
     bound log p(xdeq|z) - 784 log 256, where xdeq is given}, each (k, B). Also the k-sample
     mean of log p(x|z) (B,), the closed-form KL (B,) and the posterior means (B, D)."""
     mu, logvar = model.encode(x)                          # (B, D)
-    q = Normal(mu, (0.5 * logvar).exp())
     kc = max(1, min(k, chunk // x.shape[0]))              # draws per decoder call
     lw, log_px = {}, 0.0
     for s in range(0, k, kc):
         z = reparameterize(mu, logvar, min(kc, k - s), generator)   # (c, B, D)
         h = model.decode(z)                                         # (c, B, 28, 28, F)
-        log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)   # (c, B)
+        log_prior = log_prior_ratio(z, mu, logvar)                  # (c, B)
         lpx = model.lik.log_prob(h, x)                              # (c, B)
         scores = {'data': lpx}
         if x8 is not None:
@@ -906,6 +1010,13 @@ def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
     lw, log_px, kl, mu = zip(*out)
     est = {key: iwae(torch.cat([w[key] for w in lw], 1), k) for key in lw[0]}
     return est, torch.cat(log_px), torch.cat(kl), torch.cat(mu)
+
+
+def model_name(args, lik):
+    """The likelihood, its options not at their defaults and the objective if not the ELBO,
+    from a checkpoint's training arguments: 'categorical-K64', 'bernoulli-iwae5'."""
+    iwae = f"-iwae{args['iw_samples']}" if args.get('objective') == 'iwae' else ''
+    return args['dist'] + lik.tag() + iwae
 
 
 def build(args):
