@@ -34,23 +34,23 @@ RUN  := runs/$(IWAE)$(DIST)-z$(LATENT)-s$(SEED)
 DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic logistic-mix
 SEEDS ?= 0
 ifdef QUICK
-COMPARE_DIR    ?= runs/quick
+COMPARE_DIR    ?= runs/$(IWAE)quick
 COMPARE_EPOCHS ?= 2
 COMPARE_PATIENCE ?= 0
 K       ?= 10
 N_TEST  ?= 2000
 N_CURVE ?= 100
-RESULTS ?= results/quick
+RESULTS ?= results/$(IWAE)quick
 else ifeq ($(BUDGET),long)
-COMPARE_DIR    ?= runs/long
+COMPARE_DIR    ?= runs/$(IWAE)long
 COMPARE_EPOCHS ?= 200
 COMPARE_PATIENCE ?= 10
-RESULTS ?= results/long
+RESULTS ?= results/$(IWAE)long
 else
 COMPARE_DIR    ?= runs/$(IWAE)compare
 COMPARE_EPOCHS ?= 20
 COMPARE_PATIENCE ?= 3
-RESULTS ?= results
+RESULTS ?= $(patsubst %/,%,results/$(IWAE))
 endif
 # the evaluation (QUICK sets its own above)
 K       ?= 100
@@ -128,7 +128,7 @@ $(VENV)/.installed: requirements.txt
 # (iwae<K>: --objective iwae --iw-samples K). Split from the right, since a dist name may contain
 # '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS are not in the name: changing them does not
 # retrain an existing run.
-run_iw     = $(patsubst iwae%,%,$(filter iwae%,$(subst /, ,$1)))
+run_iw     = $(patsubst iwae%,%,$(filter iwae%,$(firstword $(subst /, ,$1))))
 run_seed   = $(patsubst s%,%,$(lastword $(subst -, ,$1)))
 run_latent = $(patsubst z%,%,$(lastword $(subst -, ,$(patsubst %-s$(call run_seed,$1),%,$1))))
 run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)

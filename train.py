@@ -95,6 +95,7 @@ def evaluate(model, x, x8, batch_size=250, iw_samples=None):
     model.eval()
     t0 = time.time()
     gen = torch.Generator(x.device).manual_seed(vae.EVAL_SEED)
+    gen_iw = torch.Generator(x.device).manual_seed(vae.EVAL_SEED + 1)   # the ELBO's draws as without it
     recon = kl = recon8 = bound = 0.0
     for xb, x8b in zip(x.split(batch_size), x8.split(batch_size)):
         h, mu, logvar = model(xb, generator=gen)                  # h (1, B, 28, 28, F)
@@ -104,8 +105,8 @@ def evaluate(model, x, x8, batch_size=250, iw_samples=None):
         recon += log_px.sum().item()
         kl += klb.sum().item()
         recon8 = None if log_p8 is None else recon8 + log_p8.sum().item()
-        if iw_samples:
-            bound += vae.iwae_terms(model, xb, iw_samples, gen)[0].sum().item()
+        for xs in xb.split(max(1, batch_size // iw_samples)) if iw_samples else ():   # batch_size decodes at a time
+            bound += vae.iwae_terms(model, xs, iw_samples, gen_iw)[0].sum().item()
     n = x.shape[0]
     return {'val_elbo_nats': (recon - kl) / n, 'val_recon_nats': recon / n, 'val_kl_nats': kl / n,
             'val_iwae_nats': bound / n if iw_samples else '',
@@ -154,6 +155,7 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
+NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures')   # at their defaults in an older last.pt
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite')  # all other flags must match
 
 
@@ -207,7 +209,7 @@ def load_last(args):
     if args.precision == 'auto':          # continue in the precision the run was started in
         args.precision = state['args'].get('precision', 'fp32')
     p = make_parser()
-    saved = {**{k: p.get_default(k) for k in vars(args)}, **state['args']}   # flags newer than the run
+    saved = {**{k: p.get_default(k) for k in NEWER_FLAGS}, **state['args']}   # a run from before them
     for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
@@ -347,7 +349,7 @@ def fit(args, device, data, state=None):
     title = f'{args.dist}, latent dim {args.latent_dim}' + (f', IWAE K = {iw}' if iw else '')
     n = train_x8.shape[0]
     rows = []
-    best = -math.inf
+    best = best_elbo = -math.inf     # the validation objective of the best epoch, and its ELBO
     best_epoch = None
     best_state = None
     done = 0
@@ -363,6 +365,7 @@ def fit(args, device, data, state=None):
             'rng': rng_states(gen),
             'rows': rows,
             'best': best,
+            'best_elbo': best_elbo,
             'best_epoch': best_epoch,
             'best_state': best_state,
         }, last_path)
@@ -371,6 +374,8 @@ def fit(args, device, data, state=None):
         model.load_state_dict(state['state_dict'])
         opt.load_state_dict(state['optimizer'])
         rows, best, best_epoch, best_state, done = (state[k] for k in ('rows', 'best', 'best_epoch', 'best_state', 'epoch'))
+        best_elbo = state.get('best_elbo') or next((float(r['val_elbo_nats']) for r in rows
+                                                    if r['epoch'] == best_epoch), -math.inf)   # an older last.pt
         best_state = best_state and {k: v.to(device) for k, v in best_state.items()}
         note = set_rng_states(state['rng'], gen, args.seed, done)
         print(f'resuming {last_path} after epoch {done}', flush=True)
@@ -402,7 +407,7 @@ def fit(args, device, data, state=None):
             rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
             improved = row[select] > best
             if improved:
-                best, best_epoch = row[select], epoch
+                best, best_elbo, best_epoch = row[select], row['val_elbo_nats'], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             done = epoch
             utils.write_csv(rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
@@ -423,7 +428,7 @@ def fit(args, device, data, state=None):
             'state_dict': best_state,
             'epoch': best_epoch,
             'epochs_trained': done,
-            'val_elbo_nats': float(next(r for r in rows if r['epoch'] == best_epoch)['val_elbo_nats']),
+            'val_elbo_nats': best_elbo,
             'val_objective_nats': best,
             'torch': str(torch.__version__),
         }, ckpt_path)

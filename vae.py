@@ -382,7 +382,7 @@ def log_cf_terms(a, b, x, iters=24):
             c = 1 + coef / c
             delta = d * c
             h = h * delta
-    ok = ((delta - 1).abs() < 1e-14) & (h > 0)      # false for nan
+    ok = ((delta - 1).abs() < 1e-14) & (h > 0) & h.isfinite()      # false for nan
     return torch.where(ok, h.log(), math.nan)
 
 
