@@ -414,8 +414,8 @@ def fit(args, device, data, state=None):
             save_last()
             print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
                   f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
-                  f"KL {row['val_kl_nats']:6.2f})" + (f"  IWAE-{iw} {row['val_iwae_nats']:9.2f}" if iw else '') + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim"
-                                                        if row['val_nelbo_8bit_bpd'] != '' else '')
+                  f"KL {row['val_kl_nats']:6.2f})" + (f"  IWAE-{iw} {row['val_iwae_nats']:9.2f}" if iw else '')
+                  + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim" if row['val_nelbo_8bit_bpd'] != '' else '')
                   + f"  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
 
         if best_state is None:

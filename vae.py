@@ -914,15 +914,20 @@ class VAE(nn.Module):
         h = self.decoder(z.flatten(0, -2))               # (N, 16, 28, 28)
         return h.permute(0, 2, 3, 1).unflatten(0, z.shape[:-1])
 
-    def forward(self, x, samples=1, generator=None, dtype=None):
-        """x (B, 1, 28, 28) -> features h (L, B, 28, 28, 16), mu (B, D), logvar (B, D) (float32);
-        with dtype (torch.bfloat16) the two networks run under autocast to it, h in that dtype."""
+    def draw(self, x, samples=1, generator=None, dtype=None):
+        """forward, also returning the draws z (L, B, D) themselves (for the IWAE bound)."""
         with autocast(x.device, dtype):
             mu, logvar = self.encode(x)
         mu, logvar = mu.float(), logvar.float()             # q(z|x), its noise and the KL in fp32
         z = reparameterize(mu, logvar, samples, generator)  # (L, B, D)
         with autocast(x.device, dtype):
             h = self.decode(z)
+        return z, h, mu, logvar
+
+    def forward(self, x, samples=1, generator=None, dtype=None):
+        """x (B, 1, 28, 28) -> features h (L, B, 28, 28, 16), mu (B, D), logvar (B, D) (float32);
+        with dtype (torch.bfloat16) the two networks run under autocast to it, h in that dtype."""
+        z, h, mu, logvar = self.draw(x, samples, generator, dtype)
         return h, mu, logvar        # h in the networks' dtype: each likelihood computes in fp32 from it
 
 
@@ -943,12 +948,7 @@ def iwae_terms(model, x, k, generator=None, dtype=None):
     log mean_i p(x, z_i) / q(z_i|x) over k draws z_i ~ q(z|x), with the likelihood's normalised
     log-density; also the mean of log p(x|z_i) and the closed-form KL (B,), whose difference
     is the ELBO from the same draws."""
-    with autocast(x.device, dtype):
-        mu, logvar = model.encode(x)
-    mu, logvar = mu.float(), logvar.float()
-    z = reparameterize(mu, logvar, k, generator)              # (K, B, D)
-    with autocast(x.device, dtype):
-        h = model.decode(z)                                   # (K, B, 28, 28, F)
+    z, h, mu, logvar = model.draw(x, k, generator, dtype)     # z (K, B, D), h (K, B, 28, 28, F)
     log_px = model.lik.log_prob(h, x)                         # (K, B)
     bound = torch.logsumexp(log_px + log_prior_ratio(z, mu, logvar), 0) - math.log(k)
     return bound, log_px.mean(0), kl_normal(mu, logvar)
