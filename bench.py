@@ -153,20 +153,21 @@ def measure(dist, precision, args):
     the two loops alternate (the mean of two each)."""
     torch.manual_seed(0)
     device = utils.pick_device(args.device)
+    utils.keep_freed_memory()             # as train.py
     dtype = vae.PRECISIONS[precision]
     loops = args.loops if dtype is None else [loop for loop in args.loops if loop == 'train.py']
     model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
     lik, kl_weight = model.lik, model.lik.default_kl_weight
     if args.compile:                                      # compiled on the warm-up steps, not timed
         model.forward = torch.compile(model.forward, dynamic=False)  # dynamic shapes fail on randn
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = train.optimizer(model, 1e-3)
     gen = torch.Generator(device).manual_seed(0)
     data = vae.load_mnist(args.data_dir)
     train_x8 = data['train'][0][:args.subset].to(device)  # (N, 1, 28, 28) uint8
     n = train_x8.shape[0]
     test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
-    loader, test_loader = (reference_loader(args.data_dir, True, args.batch_size, n),
-                           reference_loader(args.data_dir, False))
+    loader, test_loader = ((reference_loader(args.data_dir, True, args.batch_size, n),
+                            reference_loader(args.data_dir, False)) if 'reference' in loops else (None, None))
     epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight, dtype=dtype),
              'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device, dtype)}
     pipeline = {'train.py': lambda: sum(1 for _ in train.batches(lik, train_x8, gen, args.batch_size)),
@@ -193,19 +194,20 @@ def measure(dist, precision, args):
         for loop in loops:
             eval_s[loop].append(seconds(evaluate[loop], device))
     ceiling = args.steps * args.batch_size / statistics.median(ceiling_s)
-    common = {'dist': dist, 'precision': precision, 'ceiling_img_s': round(ceiling, 1), 'eval_k': args.k,
-              'eval_n': args.eval_n, 'train_mflop_img': round(flop_img / 1e6, 2), 'peak_gflop_s': round(peak, 1),
+    common = {'dist': dist, 'precision': precision, 'ceiling_img_s': ceiling, 'eval_k': args.k,
+              'eval_n': args.eval_n, 'train_mflop_img': flop_img / 1e6, 'peak_gflop_s': peak,
               'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
               'peak_cuda_mb': round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else '',
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else
               f'{device.type}: {cpu_name()}, {os.cpu_count()} cores',
               'threads': torch.get_num_threads(), 'torch': torch.__version__, 'compile': args.compile}
+    # unrounded: the CSV keeps 6 significant digits, so every derived column agrees with its parts
     rate = {loop: n / statistics.median(epoch_s[loop]) for loop in loops}
-    return [{**common, 'loop': loop, 'epoch_img_s': round(rate[loop], 1),
+    return [{**common, 'loop': loop, 'epoch_img_s': rate[loop],
              'epoch_gflop_s': rate[loop] * flop_img / 1e9, 'fraction': rate[loop] * flop_img / 1e9 / peak,
-             'ratio': round(statistics.median(ratios[loop]), 3),
-             'epoch_seconds': round(statistics.median(epoch_s[loop]), 4), 'data_seconds': round(data_s[loop], 4),
-             'eval_img_k_s': round(args.eval_n * args.k / statistics.mean(eval_s[loop]), 1)} for loop in loops]
+             'ratio': statistics.median(ratios[loop]), 'epoch_seconds': statistics.median(epoch_s[loop]),
+             'data_seconds': data_s[loop], 'eval_img_k_s': args.eval_n * args.k / statistics.mean(eval_s[loop])}
+            for loop in loops]
 
 
 def in_fresh_process(*a):
@@ -232,8 +234,9 @@ def parse_args(argv=None):
     p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dists', nargs='+', default=['bernoulli', 'categorical'], choices=list(vae.LIKELIHOODS))
     p.add_argument('--loops', nargs='+', default=list(LOOPS), choices=LOOPS)
-    p.add_argument('--precisions', nargs='+', default=list(vae.PRECISIONS), choices=list(vae.PRECISIONS),
-                   help='training precisions to measure (the reference loop: fp32 only)')
+    p.add_argument('--precisions', nargs='+', default=None, choices=list(vae.PRECISIONS),
+                   help='training precisions to measure (the reference loop: fp32 only); default fp32, and bf16 '
+                        'where the device has bf16 in hardware (as train.py --precision auto)')
     p.add_argument('--device', default='auto', choices=utils.DEVICES)
     p.add_argument('--data-dir', default='data', help='holds MNIST/raw/')
     p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
@@ -247,14 +250,19 @@ def parse_args(argv=None):
                    help='epoch: the first N training images (a quick check, not a benchmark)')
     p.add_argument('--out', default='results/bench.csv')
     args = p.parse_args(argv)
-    if 'train.py' not in args.loops and 'fp32' not in args.precisions:
+    if 'train.py' not in args.loops and args.precisions is not None and 'fp32' not in args.precisions:
         p.error('the reference loop runs in fp32 only: add --precisions fp32 or --loops train.py')
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.pick_device(args.device)                        # a missing device fails here, once
+    device = utils.pick_device(args.device)               # a missing device fails here, once
+    if args.precisions is None:
+        args.precisions = ['fp32'] + ['bf16'] * utils.native_bf16(device)
+        if 'bf16' not in args.precisions:
+            print(f'bench: bf16 skipped: {device.type} has no bf16 in hardware (emulated, it is slower than fp32); '
+                  f'--precisions bf16 measures it anyway', flush=True)
     try:
         vae.load_mnist(args.data_dir)
     except vae.DataError as e:

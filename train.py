@@ -67,6 +67,8 @@ def make_parser():
     p.add_argument('--out-dir', default=None, help='default: runs/<dist>-z<latent>-s<seed>')
     p.add_argument('--subset', type=number(int, 1, 50000), default=None,
                    help='train on the first N training images only (quick runs)')
+    p.add_argument('--val-subset', type=number(int, 1, 10000), default=None,
+                   help='validate on the first N validation images only (quick runs)')
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out-dir from its last.pt (same flags; --epochs may grow)')
     p.add_argument('--overwrite', action='store_true',
@@ -155,7 +157,7 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures')   # at their defaults in an older last.pt
+NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset')   # at their defaults in an older last.pt
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite')  # all other flags must match
 
 
@@ -224,6 +226,12 @@ def load_last(args):
 
 # -----------------------------------------------------------------------------
 # training
+
+
+def optimizer(model, lr):
+    """Adam; its fused kernel (one pass over all parameters) on the CPU and CUDA."""
+    device = next(model.parameters()).device
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ('cpu', 'cuda'))
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -300,6 +308,7 @@ def train(args):
     if args.resume and args.overwrite:
         sys.exit('error: --resume continues the run in --out-dir, --overwrite deletes it: choose one')
     device = utils.pick_device(args.device)
+    utils.keep_freed_memory()
     existing_run(args)                    # refused before anything is loaded or written
     if args.resume:
         load_last(args)                   # its flags checked early; read again once locked
@@ -339,11 +348,11 @@ def fit(args, device, data, state=None):
     select = 'val_iwae_nats' if iw else 'val_elbo_nats'      # the validation objective picks model.pt
     said = f'val IWAE-{iw} bound' if iw else 'val ELBO'
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
-    val_x8 = data['val'][0].to(device)
+    val_x8 = data['val'][0][:args.val_subset].to(device)
     val_x = vae.eval_data(lik, val_x8)                       # fixed binarisation/noise
     test_x = vae.eval_data(lik, data['test'][0])[:16].to(device)  # as the whole test set is fixed
     gen = torch.Generator(device).manual_seed(args.seed)    # shuffling and data noise
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = optimizer(model, args.lr)
     ckpt_path = os.path.join(args.out_dir, 'model.pt')
     last_path = os.path.join(args.out_dir, 'last.pt')
     title = f'{args.dist}, latent dim {args.latent_dim}' + (f', IWAE K = {iw}' if iw else '')

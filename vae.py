@@ -67,17 +67,16 @@ def load_mnist(root):
     val = its last 10,000, test = the official 10,000. Images (N, 1, 28, 28), labels (N,).
     Downloaded into root/MNIST/raw/ if missing (directories made for a download that fails are
     removed again); the four files are checked against their published checksums."""
-    from torchvision import datasets
     raw = os.path.join(root, 'MNIST', 'raw')
     present = all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES)
     made = [d for d in (root, os.path.dirname(raw), raw) if not os.path.isdir(d)]
     try:
-        if present:
-            check_mnist_files(raw)
-        train = datasets.MNIST(root, train=True, download=not present)
-        test = datasets.MNIST(root, train=False, download=not present)
         if not present:
-            check_mnist_files(raw)
+            from torchvision import datasets       # only to download (its import takes a second)
+            datasets.MNIST(root, train=True, download=True)
+            datasets.MNIST(root, train=False, download=True)
+        check_mnist_files(raw)
+        files = {f: read_idx(os.path.join(raw, f)) for f in MNIST_FILES}
     except DataError:
         raise
     except BaseException as e:  # offline download, unreadable files, Ctrl-C during a download, ...
@@ -90,9 +89,18 @@ def load_mnist(root):
             raise
         raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
                         f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
-    x, y = train.data.unsqueeze(1), train.targets  # (60000, 1, 28, 28) uint8
+    x, y = files['train-images-idx3-ubyte'].unsqueeze(1), files['train-labels-idx1-ubyte'].long()  # (60000, 1, 28, 28) uint8
     return {'train': (x[:50000], y[:50000]), 'val': (x[50000:], y[50000:]),
-            'test': (test.data.unsqueeze(1), test.targets)}
+            'test': (files['t10k-images-idx3-ubyte'].unsqueeze(1), files['t10k-labels-idx1-ubyte'].long())}
+
+
+def read_idx(path):
+    """An uncompressed idx file of unsigned bytes (MNIST's format) as a uint8 tensor of its shape."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(dims)]
+    return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).view(shape)
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +297,8 @@ def beta_log_interval(a, b, lo, hi):
 class Fused:
     """An elementwise function compiled by torch.compile into one loop on first use (cached on
     disk by torch); it returns None instead where compiling fails (no C++ compiler, no Triton),
-    and callers then take their eager path."""
+    and callers then take their eager path. The first failure in a process is said once."""
+    fell_back = ''    # why torch.compile is not used ('' while it is)
 
     def __init__(self, fn):
         self.fn, self.compiled = fn, None
@@ -299,16 +308,26 @@ class Fused:
             return None
         try:
             if self.compiled is None:
+                if args[0].device.type == 'cpu' and not cpp_compiler():
+                    raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) for its CPU loops")
                 # the CUDA build of torch on a machine without a GPU warns once that it has no CUDA runtime
                 logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
                 self.compiled = torch.compile(self.fn, dynamic=True)
             return self.compiled(*args)
         except Exception as e:   # torch raises many kinds (BackendCompilerFailed, OSError, ...)
-            import warnings
-            warnings.warn(f'torch.compile failed ({type(e).__name__}: {str(e)[:200]}); '
-                          f'{getattr(self.fn, "__name__", "the loop")} runs eagerly from now on')
             self.fn = None
+            if not Fused.fell_back:
+                import warnings
+                Fused.fell_back = f'{type(e).__name__}: {str(e)[:200]}'
+                warnings.warn(f'torch.compile cannot compile here ({Fused.fell_back}); the compiled loops '
+                              f'run eagerly instead (the same numbers, slower)')
             return None
+
+
+def cpp_compiler():
+    """The C++ compiler torch.compile builds CPU code with ($CXX, else g++), or None."""
+    import shutil
+    return shutil.which(os.environ.get('CXX', 'g++'))
 
 
 def log_gamma(x):
@@ -875,6 +894,42 @@ def kl_normal(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
 
 
+class _ConvTransposeFn(torch.autograd.Function):
+    """F.conv_transpose2d with its weight gradient taken as the weight gradient of the ordinary
+    convolution it transposes (input dy, output gradient x): oneDNN's kernel for that is twice as
+    fast on the CPU as its transposed-convolution one (docs/measurements.md); same numbers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = stride, padding
+        return F.conv_transpose2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        (stride, padding), need = ctx.conf, ctx.needs_input_grad
+        dx = F.conv2d(dy, weight, None, stride, padding) if need[0] else None
+        dw = torch.ops.aten.convolution_backward(x, dy, weight, None, stride, padding, (1, 1), False, (0, 0), 1,
+                                                 (False, True, False))[1] if need[1] else None
+        return dx, dw, dy.sum((0, 2, 3)) if need[2] else None, None, None
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d (same parameters and state dict) whose backward on the CPU is
+    _ConvTransposeFn's; elsewhere (cuDNN) the default."""
+
+    def forward(self, x):
+        if x.device.type != 'cpu' or self.groups != 1 or self.dilation != (1, 1) or self.output_padding != (0, 0):
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled('cpu'):   # as autocast casts a convolution's operands
+            dtype = torch.get_autocast_dtype('cpu')
+            x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+        with torch.autocast('cpu', enabled=False):
+            return _ConvTransposeFn.apply(x, w, b, self.stride, self.padding)
+
+
 class VAE(nn.Module):
     """Conv encoder -> q(z|x) = N(mu, diag(exp(logvar))); deconv decoder -> per-pixel
     features; the likelihood's head turns those into the parameters of p(x|z)."""
@@ -884,16 +939,16 @@ class VAE(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(),   # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # (B, 64, 7, 7)
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(),
+            nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(True),   # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(True),  # (B, 64, 7, 7)
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(True),
             nn.Linear(256, 2 * latent_dim))         # (B, 2D): mean and log-variance
         self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, 256), nn.ReLU(),
-            nn.Linear(256, 64 * 7 * 7), nn.ReLU(),
+            nn.Linear(latent_dim, 256), nn.ReLU(True),
+            nn.Linear(256, 64 * 7 * 7), nn.ReLU(True),
             nn.Unflatten(1, (64, 7, 7)),
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),             # (N, 32, 14, 14)
-            nn.ConvTranspose2d(32, self.features, 4, 2, 1), nn.ReLU())  # (N, 16, 28, 28)
+            ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),             # (N, 32, 14, 14)
+            ConvTranspose2d(32, self.features, 4, 2, 1), nn.ReLU(True))  # (N, 16, 28, 28)
         self.lik = lik
         # He initialisation: PyTorch's default shrinks the signal at each ReLU layer, the decoder
         # learns to ignore z and the posterior collapses (docs/measurements.md).
