@@ -1,6 +1,6 @@
 # Conv VAE on MNIST with a choice of likelihood. On a fresh clone:
 #   make train DATA=path/to/mnist     (trains DIST=bernoulli; make train DIST=beta, ...)
-#   make test DATA=path/to/mnist
+#   make test DATA=path/to/mnist     (make test-fast: the quick tier, on synthetic images)
 #   make compare DATA=path/to/mnist   (every likelihood, then compare_likelihoods.py;
 #                                      QUICK=1 for a first look, BUDGET=long to convergence,
 #                                      SEEDS="0 1 2" for several)
@@ -58,13 +58,14 @@ N_TEST  ?= 10000
 N_CURVE ?= 1000
 COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
 
-.PHONY: help train test compare latent latent-all bench figures
+.PHONY: help train test test-fast compare latent latent-all bench figures
 
 help:   # the targets and the variables they take
 	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 PATIENCE=0 TRAIN_FLAGS="--lr 3e-4"]'
 	@echo '              [OBJECTIVE=iwae IW_SAMPLES=5]  (also for make compare: runs/iwae<K>/compare)'
 	@echo '              trains runs/<DIST>-z<LATENT>-s<SEED>/ (runs/iwae<K>/... for IWAE; resumes an interrupted run)'
 	@echo 'make test     DATA=dir              the tests (what CI runs)'
+	@echo 'make test-fast                      the tests that need no MNIST, compiler or subprocess (synthetic images; a minute)'
 	@echo 'make compare  DATA=dir [QUICK=1 | BUDGET=long] [SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
 	@echo '              trains every likelihood (at most COMPARE_EPOCHS=20 epochs, COMPARE_PATIENCE=3;'
 	@echo '              BUDGET=long: 200 and 10, into runs/long, results/long), then compare_likelihoods.py'
@@ -82,6 +83,8 @@ compare: | $(VENV)/.installed
 
 $(addsuffix /model.pt,$(COMPARE_RUNS)): EPOCHS = $(COMPARE_EPOCHS)
 $(addsuffix /model.pt,$(COMPARE_RUNS)): PATIENCE = $(COMPARE_PATIENCE)
+# the first run prints an estimate of the whole comparison's time after its first epoch
+$(firstword $(COMPARE_RUNS))/model.pt: PLAN = --compare-plan $(words $(COMPARE_RUNS)) $(K) $(N_TEST) $(N_CURVE)
 
 $(RESULTS)/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(COMPARE_RUNS)) | $(VENV)/.installed
 	$(PY) compare_likelihoods.py $(COMPARE_RUNS) --data-dir $(DATA) --out $(RESULTS) \
@@ -117,6 +120,9 @@ results/bench.csv: bench.py train.py vae.py utils.py | $(VENV)/.installed
 test: | $(VENV)/.installed
 	MNIST_DATA=$(DATA) $(PY) -m pytest -q test_vae.py
 
+test-fast: | $(VENV)/.installed
+	$(PY) -m pytest -q -m 'not slow' test_vae.py
+
 # Rebuilt when requirements.txt changes; order-only below, so that never retrains a model.
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -141,5 +147,5 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
 	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) \
-	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(TRAIN_FLAGS) \
+	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(PLAN) $(TRAIN_FLAGS) \
 	  $(if $(wildcard $@),--overwrite,$(if $(wildcard $(@D)/last.pt),--resume))

@@ -110,7 +110,7 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     key = '8bit' if '8bit' in est else 'data'             # what is ranked: the 8-bit pixels, where defined
     logp = est[key].cpu()
     n = logp.shape[0]
-    b = max(1, vae.CHUNK // max(CURVE))
+    b = max(1, vae.chunk(x.device) // max(CURVE))
     curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b])[0][key]
                           for s in range(0, min(n, args.n_curve), b)], 1)
     row = {'dist': vae.model_name(a, lik), 'seed': a['seed'], 'latent_dim': a['latent_dim'],

@@ -1247,6 +1247,17 @@ class ToyDiscretisedGaussian(vae.Likelihood):
         return torch.round(self(h).sample().clamp(0, 1) * 255) / 255
 
 
+def test_the_compare_estimate_adds_training_and_evaluation_from_the_first_epoch():
+    """8 runs of 20 epochs at 30 s; validation took 12 s for 10,000 images, so one draw costs
+    1.2 ms, and each run's evaluation (k = 100 on 10,000, the k-curve 1000 on 1,000) 2,000,000
+    draws: 2,400 s. In all 8 (600 + 2,400) s = 6 h 40 min."""
+    args = train.parse_args(['--dist', 'bernoulli', '--epochs', '20', '--compare-plan', '8', '100', '10000', '1000'])
+    said = train.compare_estimate(args, {'seconds': 30.0, 'eval_seconds': 12.0}, 10000)
+    assert 'about 6 h 40 min' in said and '8 runs of at most 20 epochs at 30 s' in said
+    assert '1 h 20 min' in said and '5 h 20 min' in said                       # training, evaluation
+    assert '--compare-plan' not in train.command(args)                         # not a flag a resume needs
+
+
 def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, synthetic_mnist, tmp_path, capsys):
     """Registered here, the toy trains through train.py and is scored and ranked by
     compare_likelihoods.py on the 8-bit pixels, with no script knowing its name."""
@@ -1474,7 +1485,7 @@ def test_a_second_process_in_the_same_out_dir_is_refused(tmp_path, mnist_dir):
         while not (out / 'last.pt').exists():
             assert p.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        for extra in ([], ['--overwrite'], ['--resume'], ['--lr', '0.01', '--overwrite']):
+        for extra in ([], ['--resume'], ['--lr', '0.01', '--overwrite']):
             r = subprocess.run(train_cmd(out, mnist_dir, *extra), capture_output=True, text=True, timeout=300)
             one_line_failure(r, f'is in use by train.py (pid {p.pid})')
         assert p.poll() is None                               # the first one is still training
@@ -1708,6 +1719,7 @@ def test_make_compare_budget_is_the_default_or_long(tmp_path):
         assert calls[0].startswith(f'train.py --dist beta --latent-dim 32 --seed 0 {budget} --data-dir d '
                                    f'--out-dir {run}/beta-z32-s0')
         assert calls[1].startswith(f'compare_likelihoods.py {run}/beta-z32-s0 --data-dir d --out {results} ')
+        assert '--compare-plan 1 100 10000 1000' in calls[0]        # the first run estimates the whole
 
 
 # -----------------------------------------------------------------------------

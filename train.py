@@ -69,6 +69,11 @@ def make_parser():
                    help='train on the first N training images only (quick runs)')
     p.add_argument('--val-subset', type=number(int, 1, 10000), default=None,
                    help='validate on the first N validation images only (quick runs)')
+    p.add_argument('--compare-plan', type=number(int, 1, 10 ** 7), nargs=4, default=None,
+                   metavar=('RUNS', 'K', 'N_TEST', 'N_CURVE'),
+                   help='(make compare passes it to its first run) after the first epoch, print an estimate of the '
+                        "comparison's wall time: RUNS runs like this one, then compare_likelihoods.py --k K "
+                        '--n-test N_TEST --n-curve N_CURVE on them')
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out-dir from its last.pt (same flags; --epochs may grow)')
     p.add_argument('--overwrite', action='store_true',
@@ -157,15 +162,15 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset')   # at their defaults in an older last.pt
-RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite')  # all other flags must match
+NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset', 'compare_plan')   # at their defaults in an older last.pt
+RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
 
 
 def command(args):
     """The command line that resumes this run: train.py with every flag not at its default."""
     p = make_parser()
     flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-             if k not in ('resume', 'overwrite') and v != p.get_default(k)]
+             if k not in ('resume', 'overwrite', 'compare_plan') and v != p.get_default(k)]
     return ' '.join(['python train.py'] + flags + ['--resume'])
 
 
@@ -226,6 +231,23 @@ def load_last(args):
 
 # -----------------------------------------------------------------------------
 # training
+
+
+def compare_estimate(args, row, n_val):
+    """The wall time of a comparison (--compare-plan RUNS K N_TEST N_CURVE), extrapolated from this
+    run's first epoch: RUNS runs of --epochs epochs, then per run K draws for each of N_TEST test
+    images and 1000 for each of N_CURVE (the k-curve), each draw costing what one image of this
+    epoch's validation did (the decoder, the likelihood and its exact 8-bit score)."""
+    runs, k, n_test, n_curve = args.compare_plan
+    train_s = runs * args.epochs * row['seconds']
+    eval_s = runs * row['eval_seconds'] / n_val * (k * n_test + 1000 * min(n_curve, n_test))
+    def hm(seconds):
+        h, m = divmod(round(seconds / 60), 60)
+        return f'{h} h {m:02d} min' if h else f'{m} min'
+    return (f'estimate: the comparison takes about {hm(train_s + eval_s)} on this machine: {runs} runs of at most '
+            f"{args.epochs} epochs at {row['seconds']:.0f} s (this run's first), {hm(train_s)}, then their "
+            f'evaluation, {hm(eval_s)}; likelihoods with bigger heads or exact scores take longer than '
+            f'{args.dist}, early stopping less')
 
 
 def optimizer(model, lr):
@@ -426,6 +448,8 @@ def fit(args, device, data, state=None):
                   f"KL {row['val_kl_nats']:6.2f})" + (f"  IWAE-{iw} {row['val_iwae_nats']:9.2f}" if iw else '')
                   + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim" if row['val_nelbo_8bit_bpd'] != '' else '')
                   + f"  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
+            if args.compare_plan and epoch == 1:
+                print(compare_estimate(args, row, val_x.shape[0]), flush=True)
 
         if best_state is None:
             sys.exit('error: the validation ELBO was never finite; no checkpoint was written')

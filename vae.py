@@ -1012,18 +1012,24 @@ def iwae_terms(model, x, k, generator=None, dtype=None):
 # -----------------------------------------------------------------------------
 # estimators of log p(x): importance sampling with the encoder as proposal
 
-CHUNK = 256  # decoder passes per call: small enough to stay in a CPU's caches
+CHUNKS = {'cpu': 256}   # decoder passes per call: on a CPU small enough to stay in its caches
+GPU_CHUNK = 8192        # elsewhere enough to fill a GPU
+
+
+def chunk(device):
+    """Decoder passes per call of the estimators on device."""
+    return CHUNKS.get(device.type, GPU_CHUNK)
 
 
 @torch.inference_mode()
-def log_weights(model, x, k, generator=None, x8=None, xdeq=None, chunk=CHUNK):
+def log_weights(model, x, k, generator=None, x8=None, xdeq=None):
     """Importance weights log p(., z_i) - log q(z_i|x) of k draws z_i ~ q(z|x), x (B, 1, 28, 28)
     the likelihood's data: {'data': with log p(x|z); '8bit': with the exact log P(x8|z) of the
     8-bit images x8, where given and the likelihood has one; 'bound': with the dequantisation
     bound log p(xdeq|z) - 784 log 256, where xdeq is given}, each (k, B). Also the k-sample
     mean of log p(x|z) (B,), the closed-form KL (B,) and the posterior means (B, D)."""
     mu, logvar = model.encode(x)                          # (B, D)
-    kc = max(1, min(k, chunk // x.shape[0]))              # draws per decoder call
+    kc = max(1, min(k, chunk(x.device) // x.shape[0]))    # draws per decoder call
     lw, log_px = {}, 0.0
     for s in range(0, k, kc):
         z = reparameterize(mu, logvar, min(kc, k - s), generator)   # (c, B, D)
@@ -1054,7 +1060,8 @@ def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
     (n,) estimates with the keys of log_weights; also the k-sample mean of log p(x|z), the
     closed-form KL (n,) and the posterior means (n, D)."""
     from tqdm import tqdm
-    b = max(1, CHUNK // min(k, CHUNK))
+    c = chunk(x.device)
+    b = max(1, c // min(k, c))
     parts = []
     for s in range(0, x.shape[0], b):
         xb = x[s:s + b]        # xdeq is x: the same batch object, so log_weights reuses log p(x|z)
