@@ -20,6 +20,7 @@ PATIENCE ?= 0
 OBJECTIVE ?= elbo
 IW_SAMPLES ?= 5
 TRAIN_FLAGS ?=
+PLAN :=
 
 VENV := .venv
 PY   := $(VENV)/bin/python
@@ -65,7 +66,7 @@ help:   # the targets and the variables they take
 	@echo '              [OBJECTIVE=iwae IW_SAMPLES=5]  (also for make compare: runs/iwae<K>/compare)'
 	@echo '              trains runs/<DIST>-z<LATENT>-s<SEED>/ (runs/iwae<K>/... for IWAE; resumes an interrupted run)'
 	@echo 'make test     DATA=dir              the tests (what CI runs)'
-	@echo 'make test-fast                      the tests that need no MNIST, compiler or subprocess (synthetic images; a minute)'
+	@echo 'make test-fast                      the tests that need no MNIST, compiler or subprocess (synthetic images)'
 	@echo 'make compare  DATA=dir [QUICK=1 | BUDGET=long] [SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
 	@echo '              trains every likelihood (at most COMPARE_EPOCHS=20 epochs, COMPARE_PATIENCE=3;'
 	@echo '              BUDGET=long: 200 and 10, into runs/long, results/long), then compare_likelihoods.py'

@@ -29,7 +29,9 @@ it measures
    and the machine's GEMM peak: a 2048 x 2048 matmul in the same precision and thread count,
    timed in the same process (the best of five); fraction = epoch GFLOP/s / peak.
 Each precision of --precisions is measured (the networks under autocast for bf16, as
-train.py --precision bf16 trains); the reference loop, which compares data pipelines, in fp32.
+train.py --precision bf16 trains); by default fp32, and bf16 only where the device has it in
+hardware (emulated bf16 is slower than fp32; --precisions bf16 forces it). The reference loop,
+which compares data pipelines, runs in fp32.
 Prints a table and writes --out (default results/bench.csv) with the device, torch version
 and thread count. Timings are wall-clock: run it on an otherwise idle machine.
 """

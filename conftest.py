@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch):
+    """--device auto means the CPU in every test, on a machine with a GPU too (its runs must match
+    bit for bit, and the CPU's code paths are the ones tested); subprocesses see no GPU."""
+    import utils
+    pick = utils.pick_device
+    monkeypatch.setattr(utils, 'pick_device', lambda name: pick('cpu' if name == 'auto' else name))
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+
+
+@pytest.fixture(autouse=True)
 def eager_beta(monkeypatch):
     """Beta scores on its eager path, which the compiled passes equal (tested): compiling them
     takes minutes on a cold cache. Each test starts as if nothing had failed to compile."""

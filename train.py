@@ -236,18 +236,19 @@ def load_last(args):
 def compare_estimate(args, row, n_val):
     """The wall time of a comparison (--compare-plan RUNS K N_TEST N_CURVE), extrapolated from this
     run's first epoch: RUNS runs of --epochs epochs, then per run K draws for each of N_TEST test
-    images and 1000 for each of N_CURVE (the k-curve), each draw costing what one image of this
+    images and 1000 for each of N_CURVE (the k-curve), each draw costing what one draw of this
     epoch's validation did (the decoder, the likelihood and its exact 8-bit score)."""
     runs, k, n_test, n_curve = args.compare_plan
     train_s = runs * args.epochs * row['seconds']
-    eval_s = runs * row['eval_seconds'] / n_val * (k * n_test + 1000 * min(n_curve, n_test))
+    draws = n_val * (1 + (args.iw_samples if args.objective == 'iwae' else 0))   # validation's: its ELBO's and bound's
+    eval_s = runs * row['eval_seconds'] / draws * (k * n_test + 1000 * min(n_curve, n_test))
     def hm(seconds):
         h, m = divmod(round(seconds / 60), 60)
         return f'{h} h {m:02d} min' if h else f'{m} min'
-    return (f'estimate: the comparison takes about {hm(train_s + eval_s)} on this machine: {runs} runs of at most '
-            f"{args.epochs} epochs at {row['seconds']:.0f} s (this run's first), {hm(train_s)}, then their "
-            f'evaluation, {hm(eval_s)}; likelihoods with bigger heads or exact scores take longer than '
-            f'{args.dist}, early stopping less')
+    return (f'estimate: the comparison takes about {hm(train_s + eval_s)} on this machine if every run costs what '
+            f"this {args.dist} run does: {runs} runs of at most {args.epochs} epochs at {row['seconds']:.0f} s, "
+            f'{hm(train_s)}, then their evaluation, {hm(eval_s)}. Likelihoods with bigger heads or exact scores '
+            f'cost up to several times more (a first torch.compile a minute or two); early stopping less')
 
 
 def optimizer(model, lr):

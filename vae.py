@@ -97,10 +97,10 @@ def load_mnist(root):
 def read_idx(path):
     """An uncompressed idx file of unsigned bytes (MNIST's format) as a uint8 tensor of its shape."""
     with open(path, 'rb') as f:
-        data = f.read()
+        data = bytearray(f.read())
     dims = data[3]
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(dims)]
-    return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).view(shape)
+    return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * dims).view(shape)
 
 
 # -----------------------------------------------------------------------------
@@ -896,8 +896,8 @@ def kl_normal(mu, logvar):
 
 class _ConvTransposeFn(torch.autograd.Function):
     """F.conv_transpose2d with its weight gradient taken as the weight gradient of the ordinary
-    convolution it transposes (input dy, output gradient x): oneDNN's kernel for that is twice as
-    fast on the CPU as its transposed-convolution one (docs/measurements.md); same numbers."""
+    convolution it transposes (input dy, output gradient x): oneDNN's kernel for that is faster on
+    the CPU than its transposed-convolution one (docs/measurements.md); the same gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
@@ -920,10 +920,11 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     _ConvTransposeFn's; elsewhere (cuDNN) the default."""
 
     def forward(self, x):
-        if x.device.type != 'cpu' or self.groups != 1 or self.dilation != (1, 1) or self.output_padding != (0, 0):
+        if (x.device.type != 'cpu' or not torch.is_grad_enabled() or self.bias is None or self.groups != 1
+                or self.dilation != (1, 1) or self.output_padding != (0, 0)):
             return super().forward(x)
         w, b = self.weight, self.bias
-        if torch.is_autocast_enabled('cpu'):   # as autocast casts a convolution's operands
+        if torch.is_autocast_enabled('cpu') and x.dtype != torch.float64:   # as autocast casts a convolution's
             dtype = torch.get_autocast_dtype('cpu')
             x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         with torch.autocast('cpu', enabled=False):
