@@ -162,7 +162,7 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset', 'compare_plan')   # at their defaults in an older last.pt
+NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset')   # at their defaults in an older last.pt
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
 
 
