@@ -4,6 +4,7 @@
 #   make compare DATA=path/to/mnist   (every likelihood, then compare_likelihoods.py;
 #                                      QUICK=1 for a first look, BUDGET=long to convergence,
 #                                      SEEDS="0 1 2" for several)
+#   make recipes DATA=path/to/mnist   (the densities under their other --fit recipes, beside their default)
 #   make latent DATA=path/to/mnist    (a 2-D latent model of DIST, seed 0, and its two figures)
 #   make latent-all DATA=...          (the same for every likelihood, and results/latent_all.png)
 #   make bench DATA=path/to/mnist     (training and evaluation speed: results/bench.csv; make -B bench re-measures)
@@ -19,20 +20,25 @@ EPOCHS ?= 20
 PATIENCE ?= 0
 OBJECTIVE ?= elbo
 IW_SAMPLES ?= 5
+FIT    ?=
 TRAIN_FLAGS ?=
 PLAN :=
 
 VENV := .venv
 PY   := $(VENV)/bin/python
 IWAE := $(if $(filter iwae,$(OBJECTIVE)),iwae$(IW_SAMPLES)/)
-RUN  := runs/$(IWAE)$(DIST)-z$(LATENT)-s$(SEED)
+RUN  := runs/$(IWAE)$(if $(FIT),$(FIT)/)$(DIST)-z$(LATENT)-s$(SEED)
 
 # make compare: every likelihood with the same latent dim, budget and seeds, in its own
 # directory, then the comparison on the test set. The budget: at most COMPARE_EPOCHS epochs,
 # stopping once the validation ELBO has not improved for COMPARE_PATIENCE epochs. The default
 # fits one sitting on a small CPU (README, Results); BUDGET=long trains to convergence, for a
 # published table on a faster machine.
-DISTS ?= bernoulli cbernoulli gaussian gaussian-fixed beta categorical logistic logistic-mix
+DISTS ?= bernoulli cbernoulli gaussian gaussian-shared gaussian-fixed beta categorical logistic logistic-mix
+# make recipes: each density (dist:fit) under the --fit recipes other than its default, at the same
+# budget, into $(COMPARE_DIR)/<fit>/, compared beside the density's make compare run
+RECIPES ?= cbernoulli:dequantised cbernoulli:gray gaussian:dequantised gaussian:gray \
+           gaussian-shared:dequantised gaussian-shared:gray gaussian-fixed:dequantised gaussian-fixed:gray beta:gray
 SEEDS ?= 0
 ifdef QUICK
 COMPARE_DIR    ?= runs/$(IWAE)quick
@@ -58,8 +64,11 @@ K       ?= 100
 N_TEST  ?= 10000
 N_CURVE ?= 1000
 COMPARE_RUNS := $(foreach d,$(DISTS),$(foreach s,$(SEEDS),$(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s)))
+recipe_run = $(foreach s,$(SEEDS),$(COMPARE_DIR)/$(word 2,$(subst :, ,$1))/$(word 1,$(subst :, ,$1))-z$(LATENT)-s$(s))
+RECIPE_RUNS := $(foreach d,$(sort $(foreach r,$(RECIPES),$(word 1,$(subst :, ,$r)))),$(foreach s,$(SEEDS),\
+                 $(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s))) $(foreach r,$(RECIPES),$(call recipe_run,$r))
 
-.PHONY: help train test test-fast compare latent latent-all bench figures
+.PHONY: help train test test-fast compare recipes latent latent-all bench figures
 
 help:   # the targets and the variables they take
 	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 PATIENCE=0 TRAIN_FLAGS="--lr 3e-4"]'
@@ -70,6 +79,9 @@ help:   # the targets and the variables they take
 	@echo 'make compare  DATA=dir [QUICK=1 | BUDGET=long] [SEEDS="0 1 2" DISTS="..." LATENT=32 K=100 N_TEST=10000 N_CURVE=1000]'
 	@echo '              trains every likelihood (at most COMPARE_EPOCHS=20 epochs, COMPARE_PATIENCE=3;'
 	@echo '              BUDGET=long: 200 and 10, into runs/long, results/long), then compare_likelihoods.py'
+	@echo 'make recipes  DATA=dir [QUICK=1 | BUDGET=long]  the densities under every --fit recipe, at the'
+	@echo '              compare budget: runs/compare/<fit>/ beside runs/compare/, results/recipes/'
+	@echo 'make train FIT=gray|dequantised|discrete   a density under that recipe: runs/<fit>/<dist>-...'
 	@echo 'make latent   DATA=dir [DIST=bernoulli EPOCHS=20]   a 2-D latent model and its two figures'
 	@echo 'make latent-all DATA=dir [DISTS="..."]             the same for every likelihood, side by side'
 	@echo 'make bench    DATA=dir              training and evaluation speed: results/bench.csv'
@@ -82,13 +94,21 @@ compare: | $(VENV)/.installed
 	@start=$$(date +%s); $(MAKE) --no-print-directory $(RESULTS)/likelihoods.csv && \
 	echo "make compare$(if $(QUICK), QUICK=1,)$(if $(BUDGET), BUDGET=$(BUDGET),): at most $(COMPARE_EPOCHS) epochs (patience $(COMPARE_PATIENCE)), seeds $(SEEDS), k = $(K) on $(N_TEST) test images; total wall time $$(( $$(date +%s) - start )) s"
 
-$(addsuffix /model.pt,$(COMPARE_RUNS)): EPOCHS = $(COMPARE_EPOCHS)
-$(addsuffix /model.pt,$(COMPARE_RUNS)): PATIENCE = $(COMPARE_PATIENCE)
+$(addsuffix /model.pt,$(COMPARE_RUNS) $(RECIPE_RUNS)): EPOCHS = $(COMPARE_EPOCHS)
+$(addsuffix /model.pt,$(COMPARE_RUNS) $(RECIPE_RUNS)): PATIENCE = $(COMPARE_PATIENCE)
 # the first run prints an estimate of the whole comparison's time after its first epoch
 $(firstword $(COMPARE_RUNS))/model.pt: PLAN = --compare-plan $(words $(COMPARE_RUNS)) $(K) $(N_TEST) $(N_CURVE)
 
 $(RESULTS)/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(COMPARE_RUNS)) | $(VENV)/.installed
 	$(PY) compare_likelihoods.py $(COMPARE_RUNS) --data-dir $(DATA) --out $(RESULTS) \
+	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE)
+
+recipes: | $(VENV)/.installed
+	@start=$$(date +%s); $(MAKE) --no-print-directory $(RESULTS)/recipes/likelihoods.csv && \
+	echo "make recipes$(if $(QUICK), QUICK=1,)$(if $(BUDGET), BUDGET=$(BUDGET),): total wall time $$(( $$(date +%s) - start )) s"
+
+$(RESULTS)/recipes/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(RECIPE_RUNS)) | $(VENV)/.installed
+	$(PY) compare_likelihoods.py $(RECIPE_RUNS) --data-dir $(DATA) --out $(RESULTS)/recipes \
 	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE)
 
 # make latent: results/latent_<dist>.png and results/manifold_<dist>.png of runs/<dist>-z2-s0,
@@ -131,11 +151,12 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@
 
-# runs/[iwae<K>/][group/]<dist>-z<latent>-s<seed>/model.pt: the directory name gives the flags
-# (iwae<K>: --objective iwae --iw-samples K). Split from the right, since a dist name may contain
+# runs/[iwae<K>/][group/][<fit>/]<dist>-z<latent>-s<seed>/model.pt: the directory name gives the flags
+# (iwae<K>: --objective iwae --iw-samples K; <fit>, one of discrete, dequantised, gray: --fit <fit>). Split from the right, since a dist name may contain
 # '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS are not in the name: changing them does not
 # retrain an existing run.
 run_iw     = $(patsubst iwae%,%,$(filter iwae%,$(firstword $(subst /, ,$1))))
+run_fit    = $(filter discrete dequantised gray,$(subst /, ,$(patsubst %/,%,$(dir $1))))
 run_seed   = $(patsubst s%,%,$(lastword $(subst -, ,$1)))
 run_latent = $(patsubst z%,%,$(lastword $(subst -, ,$(patsubst %-s$(call run_seed,$1),%,$1))))
 run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
@@ -148,5 +169,6 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 runs/%/model.pt: train.py vae.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
 	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) \
-	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(PLAN) $(TRAIN_FLAGS) \
+	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(if $(call run_fit,$*),--fit $(call run_fit,$*)) \
+	  $(PLAN) $(TRAIN_FLAGS) \
 	  $(if $(wildcard $@),--overwrite,$(if $(wildcard $(@D)/last.pt),--resume))

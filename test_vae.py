@@ -24,7 +24,9 @@ import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALL = list(vae.LIKELIHOODS)
-CHANNELS = {'bernoulli': 1, 'cbernoulli': 1, 'gaussian': 2, 'gaussian-fixed': 1, 'beta': 2,
+DENSITIES = [d for d in ALL if vae.LIKELIHOODS[d].density]
+RECIPES = [(d, f) for d in DENSITIES for f in vae.LIKELIHOODS[d].fits]   # every density under every fit it offers
+CHANNELS = {'bernoulli': 1, 'cbernoulli': 1, 'gaussian': 2, 'gaussian-shared': 1, 'gaussian-fixed': 1, 'beta': 2,
             'categorical': 256, 'logistic': 2, 'logistic-mix': 15}
 
 
@@ -55,6 +57,8 @@ def reference(dist, params, x, lik):
         lp = ContinuousBernoulli(logits=p[0]).log_prob(x)
     elif dist == 'gaussian':
         lp = Normal(p[0], sp(p[1], 1e-2)).log_prob(x)
+    elif dist == 'gaussian-shared':
+        lp = Normal(p[0], sp(lik.raw_scale, 1e-2)).log_prob(x)
     elif dist == 'gaussian-fixed':
         lp = Normal(p[0], lik.sigma).log_prob(x)
     elif dist == 'beta':
@@ -66,7 +70,11 @@ def reference(dist, params, x, lik):
 
 @pytest.mark.parametrize('dist', [d for d in ALL if not d.startswith('logistic')])
 def test_log_prob_matches_torch_distributions(dist):
-    lik = lik_of(dist)
+    """A density's log_prob on gray values (--fit gray) is its density's; with the raw std of
+    gaussian-shared moved off its initial value, so its own parameter is the one used."""
+    lik = lik_of(dist, **({'fit': 'gray'} if dist in DENSITIES else {}))
+    if dist == 'gaussian-shared':
+        lik.raw_scale.data.fill_(-1.5)
     x = lik.data(random_x8(5, 1, 6, 6))                    # (B, 1, H, W)
     h = torch.randn(3, 5, 6, 6, vae.VAE.features)          # (L, B, H, W, F)
     got = lik.log_prob(h, x)                               # categorical: the fused path
@@ -566,6 +574,171 @@ def test_registry_tables_match():
     make = open(os.path.join(HERE, 'Makefile')).read()
     dists = next(line for line in make.splitlines() if line.startswith('DISTS ?='))
     assert dists.split('?=')[1].split() == list(vae.LIKELIHOODS)
+    recipes = make.split('RECIPES ?=')[1].split('\n\n')[0].replace('\\\n', ' ').split('\n')[0].split()
+    assert recipes == [f'{d}:{f}' for d, f in RECIPES if f != vae.LIKELIHOODS[d].fits[0]]   # each non-default fit
+
+
+# -----------------------------------------------------------------------------
+# training recipes of the densities (--fit), gaussian-shared, and what picks the checkpoint
+
+
+def same_pixels_at_every_level(lik, seed=0):
+    """Decoder features h (1, 256, 3, 3, F): nine random pixels, the same in all 256 images,
+    and x8 (256, 1, 3, 3) with image v at level v: per pixel, the images hold every bin."""
+    h = torch.randn(1, 1, 3, 3, vae.VAE.features, generator=torch.Generator().manual_seed(seed)) * 3
+    x8 = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(256, 1, 3, 3)
+    return h.expand(1, 256, 3, 3, -1), x8
+
+
+@pytest.mark.parametrize('dist,fit', RECIPES)
+def test_every_recipe_scores_bin_masses_that_sum_to_one(dist, fit):
+    """The 8-bit score of every density under every fit it offers: over the 256 levels the
+    masses of each pixel sum to 1 (the images' log-probabilities sum over pixels, so summed over
+    levels they give 1 per pixel, nine pixels: logsumexp = 0 image-wise after dividing out)."""
+    lik = lik_of(dist, fit=fit)
+    h, x8 = same_pixels_at_every_level(lik)
+    params = lik.params(h).double()
+    lo, hi = vae.bin_edges(x8)
+    per_pixel = lik.log_interval(params, lo.masked_fill(x8 == 0, -math.inf), hi.masked_fill(x8 == 255, math.inf))
+    total = torch.logsumexp(per_pixel[0], 0)                          # (1, 3, 3): log of each pixel's total mass
+    torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-9, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(lik.log_prob_8bit(h, x8), per_pixel.flatten(-3).sum(-1).float())
+
+
+@pytest.mark.parametrize('dist,fit', RECIPES)
+def test_every_recipe_trains_with_finite_gradients(dist, fit):
+    """One step of the training loss of every recipe on synthetic digits: finite, and every
+    parameter of the likelihood and the networks gets a finite, non-zero gradient somewhere."""
+    torch.manual_seed(0)
+    model = vae.build({'dist': dist, 'latent_dim': 4, 'fit': fit})
+    x = model.lik.data(synthetic_images(16, seed=1))
+    log_px, kl, h = vae.elbo_terms(model, x)
+    loss = model.lik.loss(h, x, log_px, kl, model.lik.default_kl_weight).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    assert all(p.grad.abs().sum() > 0 for p in model.lik.parameters())
+
+
+@pytest.mark.parametrize('dist', [d for d in DENSITIES if 'discrete' in vae.LIKELIHOODS[d].fits])
+def test_the_discrete_fit_trains_on_the_exact_bin_masses(dist):
+    """--fit discrete: log_prob of the gray values v/255 is the exact 8-bit score of v, and
+    differentiable; its data are the levels."""
+    lik = lik_of(dist, fit='discrete')
+    x8 = random_x8(4, 1, 5, 5)
+    x = lik.data(x8)
+    assert torch.equal(vae.levels(x), x8) and lik.data_name == '8-bit levels'
+    h = torch.randn(2, 4, 5, 5, vae.VAE.features, requires_grad=True)
+    got = lik.log_prob(h, x)
+    want = lik_of(dist, fit='gray').log_prob_8bit(h, x8)    # the same head (seeded), another fit
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_beta_offers_no_discrete_fit_and_old_checkpoints_keep_their_recipe():
+    with pytest.raises(ValueError, match="no fit 'discrete': it offers dequantised, gray"):
+        lik_of('beta', fit='discrete')
+    assert lik_of('beta').fit == 'dequantised' and lik_of('gaussian').fit == 'discrete'
+    # a checkpoint from before --fit: the densities trained on gray values, beta dequantised
+    old = {d: vae.build({'dist': d, 'latent_dim': 2}).lik for d in ('gaussian', 'cbernoulli', 'beta')}
+    assert [lik.fit for lik in old.values()] == ['gray', 'gray', 'dequantised']
+    assert vae.model_name({'dist': 'gaussian'}, old['gaussian']) == 'gaussian-gray'
+    assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta'
+
+
+@pytest.mark.parametrize('dist', DENSITIES)
+def test_every_density_can_put_999_of_a_pixel_in_the_first_bin_and_the_last(dist):
+    """The floors on scales and concentrations leave room: over a grid of head outputs (0 and
+    +-10^(k/2), k = 0..7, in every channel) some parameters put at least 0.999 of a pixel's mass
+    into the bin of level 0 (and some into level 255), where most MNIST pixels are."""
+    lik = lik_of(dist)
+    vals = torch.tensor([0.0] + [s * 10 ** (k / 2) for k in range(8) for s in (1, -1)], dtype=torch.float64)
+    grid = torch.cartesian_prod(*[vals] * lik.channels).view(1, 1, -1, lik.channels)   # (1, 1, G, C): one row of pixels
+    with torch.no_grad():
+        for lo, hi in ((-math.inf, 1 / 256), (255 / 256, math.inf)):
+            edge = torch.full(grid.shape[:-1], 0.0, dtype=torch.float64)
+            mass = lik.log_interval(grid, edge + lo, edge + hi).exp()     # (1, 1, 1, G)
+            assert mass.max() >= 0.999, (lo, hi, mass.max())
+
+
+def test_gaussian_shared_learns_one_std_the_root_mean_square_error():
+    """gaussian-shared: one std for every pixel; its maximum-likelihood value for fixed means is
+    the root mean square error (Rybkin et al. 2021), which gradient descent on it reaches."""
+    lik = lik_of('gaussian-shared', fit='gray')
+    h = torch.randn(8, 28, 28, vae.VAE.features)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        rmse = (x - lik.mean(h)).pow(2).mean().sqrt()
+    assert [n for n, _ in lik.named_parameters()] == ['raw_scale', 'head.weight', 'head.bias']
+    opt = torch.optim.Adam([lik.raw_scale], lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        (-lik.log_prob(h, x).mean()).backward()
+        opt.step()
+    scale = lik(h).base_dist.scale
+    assert scale.unique().numel() == 1
+    assert scale.flatten()[0].item() == pytest.approx(rmse.item(), rel=1e-3)
+
+
+def test_gaussian_fixed_trains_the_mse_form_only_on_gray_values(capsys):
+    gray, discrete = lik_of('gaussian-fixed', fit='gray'), lik_of('gaussian-fixed')
+    assert gray.loss_form and gray.default_kl_weight == pytest.approx(0.01 / 784)
+    assert discrete.loss_form is None and discrete.default_kl_weight == 1.0
+    assert 'trains gaussian-fixed on its normalised density' in discrete.training_note(False)
+    assert 'normalised log-density' in gray.training_note(True) and gray.training_note(False) == ''
+
+
+ROWS = [  # scripted validation: the ELBO best at epoch 2, the 8-bit score best at epoch 1
+    {'val_elbo_nats': -100.0, 'val_nelbo_8bit_bpd': 2.0},
+    {'val_elbo_nats': -90.0, 'val_nelbo_8bit_bpd': 2.5},
+    {'val_elbo_nats': -95.0, 'val_nelbo_8bit_bpd': 2.2},
+]
+
+
+@pytest.mark.parametrize('dist,patience,picked,epochs', [('gaussian', 0, 1, 3), ('gaussian', 1, 1, 2),
+                                                         ('logistic', 0, 1, 3), ('bernoulli', 0, 2, 3)])
+def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_elbo(dist, patience, picked, epochs, tmp_path,
+                                                                          synthetic_mnist, monkeypatch):
+    """With validation numbers where the ELBO and the 8-bit score disagree: every 8-bit
+    likelihood keeps (and stops early by) the epoch of the best 8-bit score, bernoulli that of
+    its best ELBO; metrics.csv and model.pt say which rule it was."""
+    scripted = iter(ROWS)
+
+    def evaluate(model, x, x8, **_):
+        row = next(scripted)
+        return {**row, 'val_recon_nats': 0.0, 'val_kl_nats': 0.0, 'val_iwae_nats': '', 'eval_seconds': 0.0,
+                'val_nelbo_8bit_bpd': row['val_nelbo_8bit_bpd'] if model.lik.scored else ''}
+    monkeypatch.setattr(train, 'evaluate', evaluate)
+    out = tmp_path / 'run'
+    train.train(train.parse_args(['--dist', dist, '--data-dir', synthetic_mnist, '--out-dir', str(out), '--subset', '64',
+                                  '--batch-size', '64', '--latent-dim', '2', '--epochs', '3',
+                                  '--patience', str(patience)]))
+    ckpt = torch.load(out / 'model.pt', weights_only=True)
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    rule = 'val_nelbo_8bit_bpd' if dist != 'bernoulli' else 'val_elbo_nats'
+    assert (ckpt['epoch'], len(rows), ckpt['epochs_trained']) == (picked, epochs, epochs)
+    assert ckpt['selected_by'] == rule and {r['selected_by'] for r in rows} == {rule}
+    assert ckpt['val_selected'] == pytest.approx(float(rows[picked - 1][rule]))
+
+
+def test_resume_refuses_a_run_that_picked_its_checkpoint_by_another_rule(tmp_path, synthetic_mnist):
+    out = tmp_path / 'run'
+    flags = ['--dist', 'gaussian', '--data-dir', synthetic_mnist, '--out-dir', str(out), '--subset', '64',
+             '--batch-size', '64', '--latent-dim', '2', '--val-subset', '100']
+    train.train(train.parse_args(flags + ['--epochs', '1']))
+    state = torch.load(out / 'last.pt', weights_only=True)
+    state['selected_by'] = 'val_elbo_nats'
+    torch.save(state, out / 'last.pt')
+    with pytest.raises(SystemExit, match='kept the epoch with the best val_elbo_nats, this one keeps the best '
+                                         'val_nelbo_8bit_bpd'):
+        train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
+    del state['selected_by'], state['args']['fit']           # from before --fit: it trained on gray values
+    torch.save(state, out / 'last.pt')
+    with pytest.raises(SystemExit, match='written with --fit gray'):
+        train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
 
 
 # -----------------------------------------------------------------------------
@@ -672,7 +845,7 @@ def test_shapes(dist, latent_dim):
     assert model.lik.log_prob(h, x).shape == (3, 5)
     for img in (model.lik.mean(h[0]), model.lik.sample(h[0])):
         assert img.shape == (5, 1, 28, 28)
-    if dist != 'gaussian' and dist != 'gaussian-fixed':
+    if not model.lik.clipped:
         s = model.lik.sample(h[0])
         assert s.min() >= 0 and s.max() <= 1
 
@@ -785,6 +958,10 @@ BAD_INPUT = {   # case: (flags, what the one line must say)
     'out-dir not writable': (['--out-dir', '{readonly}/run'], '--out-dir {readonly}/run: cannot write there'),
     'resume without last.pt': (['--resume'], 'last.pt to resume from'),
     'resume and overwrite': (['--resume', '--overwrite'], 'choose one'),
+    'fit of a discrete likelihood': (['--dist', 'categorical', '--fit', 'gray'],
+                                     '--fit gray: categorical offers no --fit (only the densities do)'),
+    'beta fit discrete': (['--dist', 'beta', '--fit', 'discrete'], '--fit discrete: beta offers dequantised, gray'),
+    'unknown fit': (['--dist', 'gaussian', '--fit', 'exact'], "invalid choice: 'exact'"),
 }
 
 
@@ -865,7 +1042,7 @@ def test_train_end_to_end(tmp_path, mnist_dir):
     assert len(rows) == 1 and list(rows[0]) == train.METRICS
     assert rows[0]['val_nelbo_8bit_bpd'] == ''        # binarised digits: no 8-bit score
     assert rows[0]['val_iwae_nats'] == ''             # trained on the ELBO: no K-sample bound
-    assert all(math.isfinite(float(v)) for k, v in rows[0].items() if k not in ('val_nelbo_8bit_bpd', 'val_iwae_nats'))
+    assert all(math.isfinite(float(v)) for k, v in rows[0].items() if k not in ('val_nelbo_8bit_bpd', 'val_iwae_nats', 'selected_by'))
     # the checkpoint is self-describing and is the model that was validated
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     assert ckpt['args']['dist'] == 'bernoulli' and ckpt['args']['latent_dim'] == 2
@@ -1106,7 +1283,8 @@ def test_train_with_the_iwae_objective_records_it_and_resume_refuses_a_change(tm
     assert ckpt['args']['objective'] == 'iwae' and ckpt['args']['iw_samples'] == 3
     (row,) = csv.DictReader(open(out / 'metrics.csv'))
     assert float(row['val_iwae_nats']) > float(row['val_elbo_nats'])          # the bound above the ELBO
-    assert ckpt['val_objective_nats'] == pytest.approx(float(row['val_iwae_nats']), abs=1e-3)
+    assert ckpt['selected_by'] == row['selected_by'] == 'val_iwae_nats'      # bernoulli: by its objective
+    assert ckpt['val_selected'] == pytest.approx(float(row['val_iwae_nats']), abs=1e-3)
     assert ckpt['val_elbo_nats'] == pytest.approx(float(row['val_elbo_nats']), abs=1e-3)
     model, _ = vae.load_checkpoint(str(out / 'model.pt'))
     assert vae.model_name(ckpt['args'], model.lik) == 'bernoulli-iwae3'
@@ -1125,7 +1303,7 @@ def test_a_run_from_before_the_objective_flags_resumes(tmp_path, synthetic_mnist
     state = torch.load(out / 'last.pt', weights_only=True)
     for k in train.NEWER_FLAGS:
         del state['args'][k]
-    del state['best_elbo']
+    del state['best_elbo'], state['selected_by']
     torch.save(state, out / 'last.pt')
     train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
     ckpt = torch.load(out / 'model.pt', weights_only=True)

@@ -3,8 +3,9 @@
     python train.py --dist bernoulli --data-dir ../shared/mnist
 
 Writes into --out-dir (default runs/<dist>-z<latent>-s<seed>, runs/iwae<K>/... for
---objective iwae): model.pt (best checkpoint by the validation objective: the ELBO, or the
-K-sample bound), metrics.csv (one row per epoch), reconstructions.png, samples.png.
+--objective iwae): model.pt (the best epoch by what the likelihood is ranked by: the negative
+ELBO of the 8-bit validation pixels in bits/dim; bernoulli, which has no 8-bit score, by its
+validation ELBO or K-sample bound), metrics.csv (one row per epoch), reconstructions.png, samples.png.
 All numbers are nats per image; the ELBO always uses the normalised log-density and KL
 weight 1, whatever objective (--kl-weight, MSE form, IWAE) was optimised.
 """
@@ -28,7 +29,7 @@ import vae  # noqa: E402
 from utils import number  # noqa: E402
 
 METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats', 'val_elbo_nats', 'val_recon_nats',
-           'val_kl_nats', 'val_iwae_nats', 'val_nelbo_8bit_bpd', 'eval_seconds']
+           'val_kl_nats', 'val_iwae_nats', 'val_nelbo_8bit_bpd', 'eval_seconds', 'selected_by']
 RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 
 # -----------------------------------------------------------------------------
@@ -57,6 +58,11 @@ def make_parser():
                    help='gaussian-fixed: the fixed std, beta^(-1/2)')
     p.add_argument('--bins', type=number(int, 2, 256), default=256, help='categorical: number of levels K')
     p.add_argument('--mixtures', type=number(int, 1, 64), default=5, help='logistic-mix: components per pixel')
+    p.add_argument('--fit', default=None, choices=list(vae.FITS),
+                   help='a density (' + ', '.join(d for d, c in vae.LIKELIHOODS.items() if 'fit' in c.options)
+                        + "): what it trains on. discrete: the exact mass of each 8-bit bin, what it is scored on "
+                          '(the default; beta, which has no discrete fit: dequantised); dequantised: (v + u)/256, '
+                          'a lower bound; gray: v/255, common practice (an unbounded density at 0 and 1)')
     p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
                    help='bf16: the conv nets under bf16 autocast in training (likelihoods, KL and every '
                         'reported number stay fp32; evaluation is fp32); auto: bf16 where the device '
@@ -86,6 +92,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.objective == 'iwae' and (args.kl_weight is not None or args.samples != 1):
         p.error('--kl-weight and --samples shape the ELBO objective; --objective iwae takes --iw-samples K')
+    lik = vae.LIKELIHOODS[args.dist]
+    if args.fit is not None and args.fit not in getattr(lik, 'fits', ()):
+        p.error(f"--fit {args.fit}: {args.dist} offers " + (', '.join(lik.fits) if 'fit' in lik.options else
+                                                            'no --fit (only the densities do)'))
     if args.out_dir is None:
         group = f'iwae{args.iw_samples}' if args.objective == 'iwae' else ''
         args.out_dir = os.path.join('runs', group, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
@@ -162,7 +172,7 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset')   # at their defaults in an older last.pt
+NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset', 'fit')   # absent from an older last.pt
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
 
 
@@ -216,7 +226,8 @@ def load_last(args):
     if args.precision == 'auto':          # continue in the precision the run was started in
         args.precision = state['args'].get('precision', 'fp32')
     p = make_parser()
-    saved = {**{k: p.get_default(k) for k in NEWER_FLAGS}, **state['args']}   # a run from before them
+    saved = {**{k: p.get_default(k) for k in NEWER_FLAGS},    # a run from before them: at their defaults,
+             **vae.LIKELIHOODS[state['args']['dist']].before_options, **state['args']}   # or as they trained
     for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
@@ -226,11 +237,27 @@ def load_last(args):
     if args.epochs < state['epoch']:
         sys.exit(f"error: --resume: {path} is at epoch {state['epoch']}; --epochs {args.epochs} would end "
                  f"before it (--epochs may only grow)")
+    rule = selection(vae.LIKELIHOODS[state['args']['dist']], args)[0]
+    if state.get('selected_by', 'val_iwae_nats' if args.objective == 'iwae' else 'val_elbo_nats') != rule:
+        sys.exit(f"error: --resume: {path} comes from a version of train.py that kept the epoch with the best "
+                 f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: "
+                 f"start over with --overwrite, or use another --out-dir")
     return state
 
 
 # -----------------------------------------------------------------------------
 # training
+
+
+def selection(lik, args):
+    """What picks the checkpoint and stops early, as (metrics.csv column, +1 or -1 for larger or
+    smaller is better, words): a likelihood with an 8-bit score by that (the negative ELBO of the
+    8-bit validation pixels, bits/dim), whatever it trains on; bernoulli by its objective."""
+    if lik.scored:
+        return 'val_nelbo_8bit_bpd', -1, 'val 8-bit negative ELBO (bits/dim)'
+    if args.objective == 'iwae':
+        return 'val_iwae_nats', 1, f'val IWAE-{args.iw_samples} bound (nats)'
+    return 'val_elbo_nats', 1, 'val ELBO (nats)'
 
 
 def compare_estimate(args, row, n_val):
@@ -366,10 +393,9 @@ def fit(args, device, data, state=None):
     iw = args.iw_samples if args.objective == 'iwae' else None
     if iw:
         kl_weight = 1.0
-        if lik.loss_form:
-            print(f'note: --objective iwae trains {args.dist} on its normalised log-density, not {lik.loss_form}')
-    select = 'val_iwae_nats' if iw else 'val_elbo_nats'      # the validation objective picks model.pt
-    said = f'val IWAE-{iw} bound' if iw else 'val ELBO'
+    if lik.training_note(bool(iw)):
+        print(lik.training_note(bool(iw)))
+    select, sign, said = selection(lik, args)     # what picks model.pt
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x8 = data['val'][0][:args.val_subset].to(device)
     val_x = vae.eval_data(lik, val_x8)                       # fixed binarisation/noise
@@ -396,6 +422,7 @@ def fit(args, device, data, state=None):
             'optimizer': opt.state_dict(),
             'rng': rng_states(gen),
             'rows': rows,
+            'selected_by': select,
             'best': best,
             'best_elbo': best_elbo,
             'best_epoch': best_epoch,
@@ -430,16 +457,17 @@ def fit(args, device, data, state=None):
                                                      args.samples, f'epoch {epoch}/{args.epochs}', dtype, iw)
             except NonFiniteLoss as e:
                 sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
-                         f'{last_path} keeps epoch {done}' + (f' (best {said} {best:.2f} at epoch {best_epoch})'
+                         f'{last_path} keeps epoch {done}' + (f' (best {said} {sign * best:.4f} at epoch {best_epoch})'
                                                               if best_state is not None else '')
                          + '; no model.pt was written')
             row = {'epoch': epoch, 'train_loss': train_loss, 'train_elbo_nats': train_elbo,
                    **evaluate(model, val_x, val_x8, iw_samples=iw)}
             row['seconds'] = time.time() - t0
+            row['selected_by'] = select
             rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
-            improved = row[select] > best
+            improved = sign * row[select] > best
             if improved:
-                best, best_elbo, best_epoch = row[select], row['val_elbo_nats'], epoch
+                best, best_elbo, best_epoch = sign * row[select], row['val_elbo_nats'], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             done = epoch
             utils.write_csv(rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
@@ -453,20 +481,22 @@ def fit(args, device, data, state=None):
                 print(compare_estimate(args, row, val_x.shape[0]), flush=True)
 
         if best_state is None:
-            sys.exit('error: the validation ELBO was never finite; no checkpoint was written')
+            sys.exit(f'error: the {said} was never finite; no checkpoint was written')
         model.load_state_dict(best_state)
         save_figures(model, test_x, args.out_dir, title)
         utils.save_torch({
             'format': vae.CKPT_FORMAT,
-            'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False, 'overwrite': False},
+            'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False, 'overwrite': False,
+                     **{k: getattr(lik, k) for k in lik.options}},     # as resolved (--fit's default)
             'state_dict': best_state,
             'epoch': best_epoch,
             'epochs_trained': done,
             'val_elbo_nats': best_elbo,
-            'val_objective_nats': best,
+            'selected_by': select,
+            'val_selected': sign * best,
             'torch': str(torch.__version__),
         }, ckpt_path)
-        print(f'best {said} {best:.2f} nats at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
+        print(f'best {said} {sign * best:.4f} at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
               f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
     except KeyboardInterrupt:
         if __name__ == '__main__':        # a second Ctrl-C while this script exits

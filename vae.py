@@ -547,6 +547,7 @@ class Likelihood(nn.Module):
     - data(x8): the float images in [0, 1] it models (training, validation, test);
     - log_prob_8bit: its exact log-probability of the 8-bit test image (None: not defined);
     - density: a density on [0, 1] or R, scored by integrating it over each 8-bit bin;
+    - scored: it has that score, so validation picks its checkpoint by it (else by its ELBO);
     - options: the train.py flags it takes; tag(): the run-name suffix they give;
     - clipped: its means and samples may leave [0, 1] (figures clip them);
     - diagnostics(): extra evaluation numbers, `diagnostic_columns` of likelihoods.csv."""
@@ -554,9 +555,11 @@ class Likelihood(nn.Module):
     default_kl_weight = 1.0
     data_name = 'gray values'
     density = False
+    scored = True         # has an exact 8-bit score, which then picks its checkpoint
     clipped = False
     loss_form = None      # the name of its own training loss (Likelihood.loss) where it has one
     options = ()
+    before_options = {}   # what a checkpoint from before an option existed was trained with
     diagnostic_columns = ()
 
     def __init__(self, features, **_):
@@ -584,7 +587,17 @@ class Likelihood(nn.Module):
         return self.dist(self.params(h))
 
     def log_prob(self, h, x):
-        return self(h).log_prob(x)  # (...,) nats per image
+        """log p(x|z) of its data x, the term of the ELBO it trains on: (...,) nats per image."""
+        return self(h).log_prob(x)
+
+    def log_density(self, h, x):
+        """log p(x|z) of any x in its support (a density's of dequantised images, for the bound)."""
+        return self(h).log_prob(x)
+
+    def training_note(self, iwae):
+        """A line train.py prints where the loss is not what the flags suggest ('' if none)."""
+        return f'note: --objective iwae trains it on its normalised log-density, not {self.loss_form}' if (
+            iwae and self.loss_form) else ''
 
     def log_prob_8bit(self, h, x8, log_px):
         """Exact log P(x8 | z) of the 8-bit images x8 (B, 1, H, W), nats per image (..., B),
@@ -612,26 +625,67 @@ class Likelihood(nn.Module):
         return ''
 
 
+FITS = {  # --fit: what a density trains on -> the name of that data
+    'discrete': '8-bit levels',     # the exact mass of each 8-bit bin: what it is scored on
+    'dequantised': 'dequantised',   # (v + u)/256: its ELBO bounds the 8-bit log-probability from below
+    'gray': 'gray values',          # v/255, common practice: atoms at 0 and 1, an unbounded density
+}
+
+
+def levels(x):
+    """Gray values v/255 (float) -> the 8-bit values v (uint8)."""
+    return torch.round(x * 255).to(torch.uint8)
+
+
 class DensityLik(Likelihood):
     """A density on [0, 1] (or R). Its 8-bit score is exact: P(v | z) is the integral of the
     density over v's bin [v/256, (v+1)/256) (log_interval), the mass outside [0, 1] going to
-    the end bins; float64, summed over pixels."""
+    the end bins; float64, summed over pixels. --fit chooses what it trains on (FITS): with
+    'discrete' its log_prob is that exact score of the levels v/255 it is given."""
     density = True
+    options = ('fit',)
+    fits = tuple(FITS)   # the fits it offers, its default first
+    before_options = {'fit': 'gray'}
+    margin = 0.0      # gray values kept this far inside [0, 1] (a Beta's density is infinite at the ends)
+
+    def __init__(self, features, fit=None, **_):
+        super().__init__(features)
+        fit = fit or self.fits[0]
+        if fit not in self.fits:
+            raise ValueError(f"{type(self).__name__} has no fit {fit!r}: it offers {', '.join(self.fits)}")
+        self.fit, self.data_name = fit, FITS[fit]
+
+    def tag(self):
+        return '' if self.fit == self.fits[0] else f'-{self.fit}'
+
+    def data(self, x8, generator=None):
+        if self.fit == 'dequantised':
+            return dequantize(x8, generator)
+        x = x8.float() / 255
+        return x.clamp(self.margin, 1 - self.margin) if self.margin else x
+
+    def log_prob(self, h, x):
+        return self.log_bins(h, levels(x)) if self.fit == 'discrete' else self(h).log_prob(x)
 
     def log_interval(self, params, lo, hi):
         """Per pixel log P(lo <= X < hi) (..., 1, H, W) from the head's params (..., H, W, C)."""
         raise NotImplementedError
 
-    def log_prob_8bit(self, h, x8, log_px=None):
+    def log_bins(self, h, x8):
+        """Exact log P(x8 | z) per image, differentiable (float64 inside, float32 out)."""
         lo, hi = bin_edges(x8)
         lo, hi = lo.masked_fill(x8 == 0, -math.inf), hi.masked_fill(x8 == 255, math.inf)
         return self.log_interval(self.params(h).double(), lo, hi).flatten(-3).sum(-1).float()
+
+    def log_prob_8bit(self, h, x8, log_px=None):
+        return log_px if self.fit == 'discrete' and log_px is not None else self.log_bins(h, x8)
 
 
 class BernoulliLik(Likelihood):
     """Binarised pixels; training batches are re-binarised each time (dynamic binarisation).
     Binarised digits are another data set: no 8-bit score."""
     data_name = 'binarised'
+    scored = False
 
     def data(self, x8, generator=None):
         return torch.bernoulli(x8.float() / 255, generator=generator)
@@ -644,7 +698,7 @@ class BernoulliLik(Likelihood):
 
 
 class ContinuousBernoulliLik(DensityLik):
-    """Continuous Bernoulli on gray values, exact at any logit (ContinuousBernoulli above)."""
+    """Continuous Bernoulli, exact at any logit (ContinuousBernoulli above)."""
     diagnostic_columns = ('cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats')
 
     def dist(self, params):
@@ -676,43 +730,68 @@ class ContinuousBernoulliLik(DensityLik):
 
 
 class GaussianLik(DensityLik):
-    """Normal with a learned per-pixel mean and std (std floored: the density of the many
-    exactly-0 background pixels grows without bound as their std shrinks)."""
+    """Normal with a learned per-pixel mean and std. The std is floored at 0.01 (2.56 bins): on
+    gray values the density of the many exactly-0 pixels grows without bound as it shrinks;
+    the mean is free, so the first bin, which reaches to -inf, can still hold all the mass."""
     channels = 2
     std_floor = 1e-2
     clipped = True
 
+    def scale(self, params):
+        return positive(pixel(params[..., 1]), self.std_floor)
+
     def dist(self, params):
-        loc, scale = pixel(params[..., 0]), positive(pixel(params[..., 1]), self.std_floor)
-        return images(Normal(loc, scale, validate_args=False))
+        return images(Normal(pixel(params[..., 0]), self.scale(params), validate_args=False))
 
     def log_interval(self, params, lo, hi):
         base = self.dist(params).base_dist
         return normal_log_interval(base.loc, base.scale, lo, hi)
 
 
-class FixedGaussianLik(GaussianLik):
-    """Normal with a fixed std sigma, trained in the MSE form."""
+class SharedGaussianLik(GaussianLik):
+    """Normal with a learned per-pixel mean and one learned std for every pixel and image
+    (the sigma-VAE, Rybkin et al. 2021): the std a fixed-variance Gaussian would pick by hand."""
     channels = 1
-    options = ('sigma',)
-    loss_form = 'the MSE form with KL weight lambda'
 
-    def __init__(self, features, sigma=0.1, **_):
-        super().__init__(features)
+    def __init__(self, features, **options):
+        super().__init__(features, **options)
+        self.raw_scale = nn.Parameter(torch.zeros(()))    # std softplus(0) + 0.01 = 0.70 at the start
+
+    def scale(self, params):
+        return positive(self.raw_scale.to(params.dtype), self.std_floor).expand(pixel(params[..., 0]).shape)
+
+
+class FixedGaussianLik(GaussianLik):
+    """Normal with a fixed std sigma; with --fit gray trained in the MSE form (KL weight
+    lambda = sigma^2 / 784), otherwise on its normalised density like the others."""
+    channels = 1
+    options = ('sigma', 'fit')
+    mse_form = 'the MSE form with KL weight lambda'
+
+    def __init__(self, features, sigma=0.1, **options):
+        super().__init__(features, **options)
         self.sigma = sigma
-        # lambda = 1/(beta N), beta = 1/sigma^2: the MSE-form loss is then the negative
-        # ELBO times 2 sigma^2 / N, minus sigma^2 log(2 pi sigma^2).
-        self.default_kl_weight = sigma ** 2 / N_PIXELS
+        if self.fit == 'gray':
+            # lambda = 1/(beta N), beta = 1/sigma^2: the MSE-form loss is then the negative
+            # ELBO times 2 sigma^2 / N, minus sigma^2 log(2 pi sigma^2).
+            self.loss_form, self.default_kl_weight = self.mse_form, sigma ** 2 / N_PIXELS
 
     def tag(self):
-        return '' if self.sigma == 0.1 else f'-sigma{self.sigma:g}'
+        return ('' if self.sigma == 0.1 else f'-sigma{self.sigma:g}') + super().tag()
 
-    def dist(self, params):
-        return images(Normal(pixel(params[..., 0]), self.sigma, validate_args=False))
+    def training_note(self, iwae):
+        if self.fit != 'gray' and not iwae:
+            return f'note: --fit {self.fit} trains gaussian-fixed on its normalised density, not {self.mse_form}'
+        return super().training_note(iwae)
+
+    def scale(self, params):
+        return torch.full_like(pixel(params[..., 0]), self.sigma)
 
     def loss(self, h, x, log_px, kl, kl_weight):
-        """Mean over pixels of the squared error, averaged over the L samples, plus
-        lambda * sum_j(-1 - log s_j^2 + mu_j^2 + s_j^2), which is lambda * 2 KL."""
+        """In the MSE form (--fit gray): mean over pixels of the squared error, averaged over
+        the L samples, plus lambda * sum_j(-1 - log s_j^2 + mu_j^2 + s_j^2), which is lambda * 2 KL."""
+        if self.loss_form is None:
+            return super().loss(h, x, log_px, kl, kl_weight)
         mean = pixel(self.params(h)[..., 0])              # (L, B, 1, H, W)
         mse = (x - mean).pow(2).flatten(-3).mean(-1).mean(0)  # (B,)
         return mse + kl_weight * 2 * kl
@@ -726,13 +805,13 @@ def dequantize(x8, generator=None):
 
 
 class BetaLik(DensityLik):
-    """Beta on uniformly dequantised gray values (255x + u)/256, u ~ U[0, 1)."""
+    """Beta(a, b), a, b = softplus + 0.001; on gray values kept 1e-6 inside (0, 1). No 'discrete'
+    fit: torch has no incomplete beta function, nor its derivatives in a and b (README)."""
     channels = 2
     floor = 1e-3
-    data_name = 'dequantised'
-
-    def data(self, x8, generator=None):
-        return dequantize(x8, generator)
+    margin = 1e-6
+    fits = ('dequantised', 'gray')
+    before_options = {'fit': 'dequantised'}
 
     def dist(self, params):
         a, b = (positive(pixel(params[..., i]), self.floor) for i in (0, 1))
@@ -742,11 +821,11 @@ class BetaLik(DensityLik):
         base = self.dist(params).base_dist
         return beta_log_interval(base.concentration1, base.concentration0, lo.clamp(0, 1), hi.clamp(0, 1))
 
-    def log_prob_8bit(self, h, x8, log_px=None):
+    def log_bins(self, h, x8):
         """As DensityLik's, in passes compiled by torch.compile (Fused): the series at the one
         edge of the bins at 0 (most pixels), at both edges of the others on the mean's side, again
         at 1/2, then the continued fraction; the eager path takes the bins all of them miss, and
-        every bin where compiling fails."""
+        every bin where compiling fails. No gradient: beta offers no --fit discrete."""
         params = self.params(h).detach()                          # (..., B, H, W, 2)
         raw = params.reshape(-1, 2)                               # (N, 2)
         v = x8.squeeze(-3).expand(params.shape[:-1]).reshape(-1)  # (N,)
@@ -851,6 +930,7 @@ LIKELIHOODS = {  # --dist name -> likelihood class
     'bernoulli': BernoulliLik,
     'cbernoulli': ContinuousBernoulliLik,
     'gaussian': GaussianLik,
+    'gaussian-shared': SharedGaussianLik,
     'gaussian-fixed': FixedGaussianLik,
     'beta': BetaLik,
     'categorical': CategoricalLik,
@@ -1037,8 +1117,8 @@ def log_weights(model, x, k, generator=None, x8=None, xdeq=None):
         scores = {'data': lpx}
         if x8 is not None:
             scores['8bit'] = model.lik.log_prob_8bit(h, x8, lpx)
-        if xdeq is not None:   # beta's own data is this dequantisation: its log p is lpx
-            scores['bound'] = (lpx if xdeq is x else model.lik.log_prob(h, xdeq)) - N_PIXELS * LOG256
+        if xdeq is not None:   # a dequantised density's own data is this dequantisation: its log p is lpx
+            scores['bound'] = (lpx if xdeq is x else model.lik.log_density(h, xdeq)) - N_PIXELS * LOG256
         for key, lp in scores.items():
             if lp is not None:
                 lw.setdefault(key, []).append(lp + log_prior)
@@ -1082,7 +1162,7 @@ def model_name(args, lik):
 def build(args):
     """The model (with its likelihood, model.lik) from a dict of training arguments,
     as stored in checkpoints."""
-    lik = make_likelihood(args['dist'], VAE.features, **args)
+    lik = make_likelihood(args['dist'], VAE.features, **{**LIKELIHOODS[args['dist']].before_options, **args})
     return VAE(lik, args['latent_dim'])
 
 
