@@ -38,7 +38,8 @@ DISTS ?= bernoulli cbernoulli gaussian gaussian-shared gaussian-fixed beta categ
 # make recipes: each density (dist:fit) under the --fit recipes other than its default, at the same
 # budget, into $(COMPARE_DIR)/<fit>/, compared beside the density's make compare run
 RECIPES ?= cbernoulli:dequantised cbernoulli:gray gaussian:dequantised gaussian:gray \
-           gaussian-shared:dequantised gaussian-shared:gray gaussian-fixed:dequantised gaussian-fixed:gray beta:gray
+           gaussian-shared:dequantised gaussian-shared:gray gaussian-fixed:dequantised gaussian-fixed:gray \
+           beta:dequantised beta:gray
 SEEDS ?= 0
 ifdef QUICK
 COMPARE_DIR    ?= runs/$(IWAE)quick

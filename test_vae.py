@@ -638,15 +638,38 @@ def test_the_discrete_fit_trains_on_the_exact_bin_masses(dist):
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
 
-def test_beta_offers_no_discrete_fit_and_old_checkpoints_keep_their_recipe():
-    with pytest.raises(ValueError, match="no fit 'discrete': it offers dequantised, gray"):
-        lik_of('beta', fit='discrete')
-    assert lik_of('beta').fit == 'dequantised' and lik_of('gaussian').fit == 'discrete'
-    # a checkpoint from before --fit: the densities trained on gray values, beta dequantised
+def test_old_checkpoints_keep_their_recipe():
+    """A checkpoint from before --fit: the densities trained on gray values, beta dequantised."""
+    assert lik_of('beta').fit == lik_of('gaussian').fit == 'discrete'
     old = {d: vae.build({'dist': d, 'latent_dim': 2}).lik for d in ('gaussian', 'cbernoulli', 'beta')}
     assert [lik.fit for lik in old.values()] == ['gray', 'gray', 'dequantised']
     assert vae.model_name({'dist': 'gaussian'}, old['gaussian']) == 'gaussian-gray'
-    assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta'
+    assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta-dequantised'
+
+
+@pytest.mark.parametrize('a,b,v', [(0.05, 30.0, 0), (0.4, 3.0, 0), (2.0, 0.3, 255), (5.0, 2.0, 170), (40.0, 60.0, 102),
+                                   (300.0, 700.0, 77), (1.5, 900.0, 1), (0.002, 0.002, 128)])
+def test_beta_bin_gradient_matches_high_precision_derivatives(a, b, v):
+    """--fit discrete for beta: d log P(v | a, b) / d raw, the raw head outputs (a = softplus(raw)
+    + 0.001), against mpmath's derivative of its regularised incomplete beta in 30 digits."""
+    mpmath = pytest.importorskip('mpmath')
+    mpmath.mp.dps = 30
+    lik = lik_of('beta')
+    inv = lambda c: c - lik.floor + math.log(-math.expm1(lik.floor - c))     # noqa: E731 (softplus^-1)
+    raw = torch.tensor([[inv(a), inv(b)]], requires_grad=True)
+    v8 = torch.tensor([v], dtype=torch.uint8)
+    got = vae._BetaBinsGrad.apply(raw, v8, lik.per_pixel)
+    got.sum().backward()
+    got = got.detach()
+    lo, hi = mpmath.mpf(v) / 256, mpmath.mpf(v + 1) / 256
+
+    def log_p(r0, r1):
+        aa, bb = (mpmath.log1p(mpmath.exp(r)) + lik.floor for r in (r0, r1))
+        return mpmath.log(mpmath.betainc(aa, bb, lo, hi, regularized=True))
+    r0, r1 = (mpmath.mpf(float(t)) for t in raw.detach()[0])
+    assert float(got) == pytest.approx(float(log_p(r0, r1)), rel=1e-9, abs=1e-9)
+    want = [float(mpmath.diff(lambda t: log_p(t, r1), r0)), float(mpmath.diff(lambda t: log_p(r0, t), r1))]
+    torch.testing.assert_close(raw.grad[0], torch.tensor(want), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('dist', DENSITIES)
@@ -960,7 +983,6 @@ BAD_INPUT = {   # case: (flags, what the one line must say)
     'resume and overwrite': (['--resume', '--overwrite'], 'choose one'),
     'fit of a discrete likelihood': (['--dist', 'categorical', '--fit', 'gray'],
                                      '--fit gray: categorical offers no --fit (only the densities do)'),
-    'beta fit discrete': (['--dist', 'beta', '--fit', 'discrete'], '--fit discrete: beta offers dequantised, gray'),
     'unknown fit': (['--dist', 'gaussian', '--fit', 'exact'], "invalid choice: 'exact'"),
 }
 

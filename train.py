@@ -61,7 +61,7 @@ def make_parser():
     p.add_argument('--fit', default=None, choices=list(vae.FITS),
                    help='a density (' + ', '.join(d for d, c in vae.LIKELIHOODS.items() if 'fit' in c.options)
                         + "): what it trains on. discrete: the exact mass of each 8-bit bin, what it is scored on "
-                          '(the default; beta, which has no discrete fit: dequantised); dequantised: (v + u)/256, '
+                          '(the default); dequantised: (v + u)/256, '
                           'a lower bound; gray: v/255, common practice (an unbounded density at 0 and 1)')
     p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
                    help='bf16: the conv nets under bf16 autocast in training (likelihoods, KL and every '
