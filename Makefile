@@ -27,11 +27,13 @@ PLAN :=
 VENV := .venv
 PY   := $(VENV)/bin/python
 IWAE := $(if $(filter iwae,$(OBJECTIVE)),iwae$(IW_SAMPLES)/)
+FITS := discrete dequantised gray
 RUN  := runs/$(IWAE)$(if $(FIT),$(FIT)/)$(DIST)-z$(LATENT)-s$(SEED)
 
 # make compare: every likelihood with the same latent dim, budget and seeds, in its own
 # directory, then the comparison on the test set. The budget: at most COMPARE_EPOCHS epochs,
-# stopping once the validation ELBO has not improved for COMPARE_PATIENCE epochs. The default
+# stopping once the validation score (train.py: the 8-bit one; bernoulli's ELBO) has not improved
+# for COMPARE_PATIENCE epochs. The default
 # fits one sitting on a small CPU (README, Results); BUDGET=long trains to convergence, for a
 # published table on a faster machine.
 DISTS ?= bernoulli cbernoulli gaussian gaussian-shared gaussian-fixed beta categorical logistic logistic-mix
@@ -40,6 +42,8 @@ DISTS ?= bernoulli cbernoulli gaussian gaussian-shared gaussian-fixed beta categ
 RECIPES ?= cbernoulli:dequantised cbernoulli:gray gaussian:dequantised gaussian:gray \
            gaussian-shared:dequantised gaussian-shared:gray gaussian-fixed:dequantised gaussian-fixed:gray \
            beta:dequantised beta:gray
+$(foreach f,$(FIT) $(foreach r,$(RECIPES),$(word 2,$(subst :, ,$r))),$(if $(filter $(FITS),$f),,\
+  $(error FIT $f: one of discrete, dequantised, gray)))
 SEEDS ?= 0
 ifdef QUICK
 COMPARE_DIR    ?= runs/$(IWAE)quick
@@ -157,7 +161,7 @@ $(VENV)/.installed: requirements.txt
 # '-' (gaussian-fixed). EPOCHS and TRAIN_FLAGS are not in the name: changing them does not
 # retrain an existing run.
 run_iw     = $(patsubst iwae%,%,$(filter iwae%,$(firstword $(subst /, ,$1))))
-run_fit    = $(filter discrete dequantised gray,$(subst /, ,$(patsubst %/,%,$(dir $1))))
+run_fit    = $(filter $(FITS),$(subst /, ,$(patsubst %/,%,$(dir $1))))
 run_seed   = $(patsubst s%,%,$(lastword $(subst -, ,$1)))
 run_latent = $(patsubst z%,%,$(lastword $(subst -, ,$(patsubst %-s$(call run_seed,$1),%,$1))))
 run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)

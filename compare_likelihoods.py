@@ -11,8 +11,9 @@ Per run, on the first --n-test test images (default all 10,000), in nats per ima
   1000 draws split into disjoint groups of k. Every likelihood but bernoulli defines P(x):
   categorical (256) and logistic are distributions over the levels; categorical with K < 256
   spreads each bin's mass uniformly over its 8-bit values; a density (cbernoulli, gaussian,
-  gaussian-fixed, beta) gives each 8-bit value v the integral of p(x|z) over its bin
-  [v/256, (v+1)/256), the mass outside [0, 1] going to the end bins;
+  gaussian-shared, gaussian-fixed, beta), whatever it was trained on (--fit), gives each 8-bit
+  value v the integral of p(x|z) over its bin [v/256, (v+1)/256), the mass outside [0, 1]
+  going to the end bins;
   8-bit NLL and bits/dim = NLL / (784 ln 2) are the ranking;
 - for the densities, the dequantisation bound -log p((v + u)/256) + 784 log 256 (one fixed
   uniform u) beside it, from the same draws: an upper bound on their NLL, shown, never ranked;
@@ -102,7 +103,7 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     x8 = test_x8[:args.n_test].to(device)
     x = vae.eval_data(lik, x8)                            # what the model sees: the encoder's input
     xdeq = None
-    if lik.density:        # the dequantisation bound's data; beta's own data already is it
+    if lik.density:        # the dequantisation bound's data; a dequantised fit's own data already is it
         xdeq = vae.dequantize(x8.cpu(), torch.Generator().manual_seed(vae.EVAL_SEED)).to(device)
         xdeq = x if torch.equal(xdeq, x) else xdeq
     gen = torch.Generator(device).manual_seed(vae.EVAL_SEED)

@@ -497,7 +497,7 @@ def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
         ok = ~got.isnan()
         assert 0 < ok.sum() < ok.numel()            # each pass answers some bins, not all
         torch.testing.assert_close(got[ok], want[ok], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(fused, vae.DensityLik.log_prob_8bit(lik, h, x8), rtol=1e-7, atol=0)   # float32 sums
+    torch.testing.assert_close(fused, vae.DensityLik.log_bins(lik, h, x8), rtol=1e-7, atol=0)   # float32 sums
 
 
 @pytest.mark.slow
@@ -534,7 +534,7 @@ def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails)
         got = lik.log_prob_8bit(h, x8)
     assert len(said) == 1 and 'no Triton)' in str(said[0].message)       # the first failure only
     assert vae._beta_bins_fused(torch.zeros(1, 2), torch.zeros(1, dtype=torch.uint8), 0.1, torch.tensor(False)) is None
-    torch.testing.assert_close(got, vae.DensityLik.log_prob_8bit(lik, h, x8))
+    torch.testing.assert_close(got, vae.DensityLik.log_bins(lik, h, x8))
 
 
 def test_without_a_cpp_compiler_beta_scores_eagerly_and_says_so_once(monkeypatch):
@@ -548,7 +548,7 @@ def test_without_a_cpp_compiler_beta_scores_eagerly_and_says_so_once(monkeypatch
     with pytest.warns(UserWarning, match='no C\\+\\+ compiler') as said:
         got = lik.log_prob_8bit(h, x8)
     assert len(said) == 1
-    torch.testing.assert_close(got, vae.DensityLik.log_prob_8bit(lik, h, x8))
+    torch.testing.assert_close(got, vae.DensityLik.log_bins(lik, h, x8))
 
 
 def test_beta_one_one_scores_exactly_8_bits_per_dim():
@@ -602,8 +602,9 @@ def test_every_recipe_scores_bin_masses_that_sum_to_one(dist, fit):
     per_pixel = lik.log_interval(params, lo.masked_fill(x8 == 0, -math.inf), hi.masked_fill(x8 == 255, math.inf))
     total = torch.logsumexp(per_pixel[0], 0)                          # (1, 3, 3): log of each pixel's total mass
     torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-9, rtol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(lik.log_prob_8bit(h, x8), per_pixel.flatten(-3).sum(-1).float())
+    with torch.no_grad():      # the score as evaluation takes it: from log_prob of its data (discrete: the same)
+        got = lik.log_prob_8bit(h, x8, lik.log_prob(h, lik.data(x8, torch.Generator().manual_seed(0))))
+        torch.testing.assert_close(got, per_pixel.flatten(-3).sum(-1).float())
 
 
 @pytest.mark.parametrize('dist,fit', RECIPES)
@@ -632,16 +633,20 @@ def test_the_discrete_fit_trains_on_the_exact_bin_masses(dist):
     assert torch.equal(vae.levels(x), x8) and lik.data_name == '8-bit levels'
     h = torch.randn(2, 4, 5, 5, vae.VAE.features, requires_grad=True)
     got = lik.log_prob(h, x)
-    want = lik_of(dist, fit='gray').log_prob_8bit(h, x8)    # the same head (seeded), another fit
+    want = lik_of(dist, fit='dequantised').log_prob_8bit(h, x8)    # the same head (seeded) and floors, another fit
     torch.testing.assert_close(got, want)
     got.sum().backward()
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
 
-def test_old_checkpoints_keep_their_recipe():
+def test_old_checkpoints_keep_their_recipe(tmp_path):
     """A checkpoint from before --fit: the densities trained on gray values, beta dequantised."""
     assert lik_of('beta').fit == lik_of('gaussian').fit == 'discrete'
-    old = {d: vae.build({'dist': d, 'latent_dim': 2}).lik for d in ('gaussian', 'cbernoulli', 'beta')}
+    old = {}
+    for d in ('gaussian', 'cbernoulli', 'beta'):
+        args = {'dist': d, 'latent_dim': 2}
+        torch.save({'format': vae.CKPT_FORMAT, 'args': args, 'state_dict': vae.build(args).state_dict()}, tmp_path / d)
+        old[d] = vae.load_checkpoint(str(tmp_path / d))[0].lik
     assert [lik.fit for lik in old.values()] == ['gray', 'gray', 'dequantised']
     assert vae.model_name({'dist': 'gaussian'}, old['gaussian']) == 'gaussian-gray'
     assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta-dequantised'
@@ -672,19 +677,45 @@ def test_beta_bin_gradient_matches_high_precision_derivatives(a, b, v):
     torch.testing.assert_close(raw.grad[0], torch.tensor(want), rtol=1e-5, atol=1e-7)
 
 
+def best_masses(lik, v):
+    """The largest mass a density gives level v over a grid of head outputs (0 and +-10^(k/2),
+    k = 0..7, in every channel), any parameter of its own (gaussian-shared's std) at its floor."""
+    vals = torch.tensor([0.0] + [s * 10 ** (k / 2) for k in range(8) for s in (1, -1)], dtype=torch.float64)
+    grid = torch.cartesian_prod(*[vals] * lik.channels).view(1, 1, -1, lik.channels)   # (1, 1, G, C): a row of pixels
+    with torch.no_grad():
+        for p in lik.parameters():
+            if p.dim() == 0:
+                p.fill_(-1e4)
+        lo, hi = vae.bin_edges(torch.tensor(v, dtype=torch.uint8))
+        lo, hi = (-math.inf if v == 0 else lo.item()), (math.inf if v == 255 else hi.item())
+        edge = torch.zeros(grid.shape[:-1], dtype=torch.float64)
+        return lik.log_interval(grid, edge + lo, edge + hi).exp().max().item()
+
+
 @pytest.mark.parametrize('dist', DENSITIES)
 def test_every_density_can_put_999_of_a_pixel_in_the_first_bin_and_the_last(dist):
-    """The floors on scales and concentrations leave room: over a grid of head outputs (0 and
-    +-10^(k/2), k = 0..7, in every channel) some parameters put at least 0.999 of a pixel's mass
-    into the bin of level 0 (and some into level 255), where most MNIST pixels are."""
-    lik = lik_of(dist)
-    vals = torch.tensor([0.0] + [s * 10 ** (k / 2) for k in range(8) for s in (1, -1)], dtype=torch.float64)
-    grid = torch.cartesian_prod(*[vals] * lik.channels).view(1, 1, -1, lik.channels)   # (1, 1, G, C): one row of pixels
-    with torch.no_grad():
-        for lo, hi in ((-math.inf, 1 / 256), (255 / 256, math.inf)):
-            edge = torch.full(grid.shape[:-1], 0.0, dtype=torch.float64)
-            mass = lik.log_interval(grid, edge + lo, edge + hi).exp()     # (1, 1, 1, G)
-            assert mass.max() >= 0.999, (lo, hi, mass.max())
+    """The floors on scales and concentrations leave room where most MNIST pixels are: some
+    parameters put at least 0.999 of a pixel's mass into the bin of level 0, some into 255 (a
+    Normal through its free mean; cbernoulli and beta through logits and concentrations)."""
+    for fit in vae.LIKELIHOODS[dist].fits:
+        lik = lik_of(dist, fit=fit)
+        assert best_masses(lik, 0) >= 0.999 and best_masses(lik, 255) >= 0.999, fit
+
+
+@pytest.mark.parametrize('dist', ['gaussian', 'gaussian-shared'])
+def test_the_normal_std_floor_caps_an_interior_bin_only_on_gray_values(dist):
+    """A Normal at the middle of level 128's bin with its std at the floor: under the fits to
+    bins (0.256 bins) that level can hold 0.95 of the pixel, on gray values (2.56 bins) 0.15."""
+    for fit, want in (('discrete', 0.9492), ('dequantised', 0.9492), ('gray', 0.1549)):
+        lik = lik_of(dist, fit=fit)
+        loc = torch.tensor([[128.5 / 256]], dtype=torch.float64)
+        with torch.no_grad():
+            if dist == 'gaussian-shared':
+                lik.raw_scale.fill_(-1e4)
+            params = torch.stack([loc, torch.full_like(loc, -1e4)], -1)[..., :lik.channels]   # (1, 1, C)
+            lo, hi = vae.bin_edges(torch.tensor([[128]], dtype=torch.uint8))
+            mass = lik.log_interval(params, lo, hi).exp().item()
+        assert mass == pytest.approx(want, abs=1e-4), fit
 
 
 def test_gaussian_shared_learns_one_std_the_root_mean_square_error():
@@ -710,21 +741,24 @@ def test_gaussian_fixed_trains_the_mse_form_only_on_gray_values(capsys):
     gray, discrete = lik_of('gaussian-fixed', fit='gray'), lik_of('gaussian-fixed')
     assert gray.loss_form and gray.default_kl_weight == pytest.approx(0.01 / 784)
     assert discrete.loss_form is None and discrete.default_kl_weight == 1.0
-    assert 'trains gaussian-fixed on its normalised density' in discrete.training_note(False)
+    assert 'trains gaussian-fixed on its exact 8-bit bin masses, not the MSE form' in discrete.training_note(False)
+    assert 'on its normalised density of them' in lik_of('gaussian-fixed', fit='dequantised').training_note(False)
     assert 'normalised log-density' in gray.training_note(True) and gray.training_note(False) == ''
 
 
 ROWS = [  # scripted validation: the ELBO best at epoch 2, the 8-bit score best at epoch 1
-    {'val_elbo_nats': -100.0, 'val_nelbo_8bit_bpd': 2.0},
-    {'val_elbo_nats': -90.0, 'val_nelbo_8bit_bpd': 2.5},
-    {'val_elbo_nats': -95.0, 'val_nelbo_8bit_bpd': 2.2},
+    {'val_elbo_nats': -100.0, 'val_nelbo_8bit_bpd': 2.0, 'val_iwae_nats': -99.0},
+    {'val_elbo_nats': -90.0, 'val_nelbo_8bit_bpd': 2.5, 'val_iwae_nats': -89.0},
+    {'val_elbo_nats': -95.0, 'val_nelbo_8bit_bpd': 2.2, 'val_iwae_nats': -88.0},    # the bound's best: epoch 3
 ]
 
 
-@pytest.mark.parametrize('dist,patience,picked,epochs', [('gaussian', 0, 1, 3), ('gaussian', 1, 1, 2),
-                                                         ('logistic', 0, 1, 3), ('bernoulli', 0, 2, 3)])
-def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_elbo(dist, patience, picked, epochs, tmp_path,
-                                                                          synthetic_mnist, monkeypatch):
+@pytest.mark.parametrize('dist,objective,patience,picked,epochs', [
+    ('gaussian', 'elbo', 0, 1, 3), ('gaussian', 'elbo', 1, 1, 2), ('gaussian-shared', 'iwae', 0, 1, 3),
+    ('logistic', 'elbo', 0, 1, 3), ('bernoulli', 'elbo', 0, 2, 3), ('bernoulli', 'iwae', 0, 3, 3)])
+def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_objective(dist, objective, patience, picked,
+                                                                               epochs, tmp_path, synthetic_mnist,
+                                                                               monkeypatch):
     """With validation numbers where the ELBO and the 8-bit score disagree: every 8-bit
     likelihood keeps (and stops early by) the epoch of the best 8-bit score, bernoulli that of
     its best ELBO; metrics.csv and model.pt say which rule it was."""
@@ -732,16 +766,17 @@ def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_elbo(dist, 
 
     def evaluate(model, x, x8, **_):
         row = next(scripted)
-        return {**row, 'val_recon_nats': 0.0, 'val_kl_nats': 0.0, 'val_iwae_nats': '', 'eval_seconds': 0.0,
+        return {**row, 'val_recon_nats': 0.0, 'val_kl_nats': 0.0, 'eval_seconds': 0.0,
+                'val_iwae_nats': row['val_iwae_nats'] if objective == 'iwae' else '',
                 'val_nelbo_8bit_bpd': row['val_nelbo_8bit_bpd'] if model.lik.scored else ''}
     monkeypatch.setattr(train, 'evaluate', evaluate)
     out = tmp_path / 'run'
     train.train(train.parse_args(['--dist', dist, '--data-dir', synthetic_mnist, '--out-dir', str(out), '--subset', '64',
-                                  '--batch-size', '64', '--latent-dim', '2', '--epochs', '3',
-                                  '--patience', str(patience)]))
+                                  '--batch-size', '64', '--latent-dim', '2', '--epochs', '3', '--objective', objective,
+                                  '--iw-samples', '2', '--patience', str(patience)]))
     ckpt = torch.load(out / 'model.pt', weights_only=True)
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
-    rule = 'val_nelbo_8bit_bpd' if dist != 'bernoulli' else 'val_elbo_nats'
+    rule = 'val_nelbo_8bit_bpd' if dist != 'bernoulli' else 'val_iwae_nats' if objective == 'iwae' else 'val_elbo_nats'
     assert (ckpt['epoch'], len(rows), ckpt['epochs_trained']) == (picked, epochs, epochs)
     assert ckpt['selected_by'] == rule and {r['selected_by'] for r in rows} == {rule}
     assert ckpt['val_selected'] == pytest.approx(float(rows[picked - 1][rule]))
@@ -758,10 +793,14 @@ def test_resume_refuses_a_run_that_picked_its_checkpoint_by_another_rule(tmp_pat
     with pytest.raises(SystemExit, match='kept the epoch with the best val_elbo_nats, this one keeps the best '
                                          'val_nelbo_8bit_bpd'):
         train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
-    del state['selected_by'], state['args']['fit']           # from before --fit: it trained on gray values
+    state['selected_by'] = 'val_nelbo_8bit_bpd'
+    del state['args']['fit']                                   # from before --fit: it trained on gray values
     torch.save(state, out / 'last.pt')
-    with pytest.raises(SystemExit, match='written with --fit gray'):
+    with pytest.raises(SystemExit, match='written with --fit gray, this run has --fit discrete'):
         train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
+    assert train.parse_args(['--dist', 'gaussian', '--fit', 'gray']).out_dir == os.path.join('runs', 'gray', 'gaussian-z32-s0')
+    assert train.parse_args(['--dist', 'gaussian', '--fit', 'discrete']).out_dir == os.path.join('runs', 'gaussian-z32-s0')
+    assert train.parse_args(['--dist', 'beta']).fit == 'discrete' and train.parse_args([]).fit is None
 
 
 # -----------------------------------------------------------------------------
@@ -896,7 +935,7 @@ def test_fixed_gaussian_mse_loss_is_affine_in_negative_elbo(sigma):
     """With lambda = sigma^2 / N: loss = (2 sigma^2 / N) (-ELBO) - sigma^2 log(2 pi sigma^2),
     per example, for the same draws of z (L = 3)."""
     torch.manual_seed(0)
-    model = vae.build({'dist': 'gaussian-fixed', 'latent_dim': 8, 'bins': 256, 'sigma': sigma})
+    model = vae.build({'dist': 'gaussian-fixed', 'latent_dim': 8, 'sigma': sigma, 'fit': 'gray'})
     lik = model.lik
     x = lik.data(random_x8(16, 1, 28, 28))
     log_px, kl, h = vae.elbo_terms(model, x, samples=3, generator=torch.Generator().manual_seed(1))
@@ -1078,23 +1117,24 @@ def test_train_end_to_end(tmp_path, mnist_dir):
     assert img.shape[0] > 100 and img.shape[1] > 400 and img.std() > 0.05  # not blank
 
 
-@pytest.mark.parametrize('dist', ['categorical', 'gaussian', 'beta'])
-def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(dist):
+@pytest.mark.parametrize('dist,fit', [('categorical', None), ('gaussian', 'discrete'), ('gaussian', 'gray'),
+                                      ('beta', 'discrete'), ('beta', 'dequantised')])
+def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(dist, fit):
     """val_nelbo_8bit_bpd = -(E_q log P(x8|z) - KL) / (784 ln 2) with the exact 8-bit score, from
-    the same fixed-seed z: for categorical (256 levels) the ELBO of val_elbo_nats; for a density,
-    another number than its ELBO on dequantised values."""
+    the same fixed-seed z: for categorical (256 levels) and a density fit to its bins the ELBO of
+    val_elbo_nats; for a density on gray or dequantised values another number than that ELBO."""
     val8 = synthetic_images(300, seed=0)
     torch.manual_seed(0)
-    model = vae.build({'dist': dist, 'latent_dim': 2, 'bins': 256, 'sigma': 0.1}).eval()
+    model = vae.build({'dist': dist, 'latent_dim': 2, 'fit': fit}).eval()
     x = vae.eval_data(model.lik, val8)
     m = train.evaluate(model, x, val8, batch_size=300)
     with torch.no_grad():
         h, mu, logvar = model(x, generator=torch.Generator().manual_seed(vae.EVAL_SEED))
-        log_p8 = vae.DensityLik.log_prob_8bit(model.lik, h, val8) if model.lik.density else \
+        log_p8 = vae.DensityLik.log_bins(model.lik, h, val8) if model.lik.density else \
             F.log_softmax(model.lik.params(h), -1).gather(-1, val8.long().squeeze(1)[None, ..., None]).sum((-3, -2, -1))
         want = -(log_p8 - vae.kl_normal(mu, logvar)).mean().item() / vae.BITS
     assert m['val_nelbo_8bit_bpd'] == pytest.approx(want, rel=1e-5)
-    assert math.isclose(-m['val_elbo_nats'] / vae.BITS, want, rel_tol=1e-5) == (not model.lik.density)
+    assert math.isclose(-m['val_elbo_nats'] / vae.BITS, want, rel_tol=1e-5) == (fit in (None, 'discrete'))
 
 
 def test_precision_auto_follows_the_hardware_and_a_resume_keeps_the_runs_precision(tmp_path, monkeypatch, synthetic_mnist):
@@ -1370,7 +1410,7 @@ def test_dequantised_bound_is_above_the_exact_discrete_nll():
     """Gaussian decoder on 8 small images: -E_u[log p((v + u)/256)] + 16 log 256 (E_u by the
     midpoint rule) >= -log P(v), P(v) the exact bin mass of lik.log_prob_8bit, which equals
     F((v + 1)/256) - F(v/256) from Normal's CDF (the end bins taking the tails)."""
-    lik = vae.make_likelihood('gaussian')
+    lik = vae.make_likelihood('gaussian', fit='gray')
     gen = torch.Generator().manual_seed(0)
     x8 = random_x8(8, 1, 4, 4)
     loc = x8[:, 0].double() / 255 + 0.03 * torch.randn(8, 4, 4, generator=gen, dtype=torch.float64)
@@ -1926,6 +1966,27 @@ def test_make_compare_budget_is_the_default_or_long(tmp_path):
                                    f'--out-dir {run}/beta-z32-s0')
         assert calls[1].startswith(f'compare_likelihoods.py {run}/beta-z32-s0 --data-dir d --out {results} ')
         assert '--compare-plan 1 100 10000 1000' in calls[0]        # the first run estimates the whole
+
+
+@pytest.mark.slow
+def test_make_recipes_trains_each_fit_at_the_compare_budget_and_refuses_a_misspelt_fit(tmp_path):
+    makefile_sandbox(tmp_path)
+    make = ['make', 'recipes', 'DATA=d', 'RECIPES=gaussian:gray beta:dequantised', 'QUICK=1', 'PY=./fakepy']
+    r = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / 'calls.txt').read_text().splitlines()
+    runs = ['runs/quick/beta-z32-s0', 'runs/quick/gaussian-z32-s0', 'runs/quick/gray/gaussian-z32-s0',
+            'runs/quick/dequantised/beta-z32-s0']
+    trains = {c.split('--out-dir ')[1].split()[0]: c for c in calls if c.startswith('train.py')}
+    assert sorted(trains) == sorted(runs)
+    for run, c in trains.items():
+        fit = run.split('/')[2] if run.count('/') == 3 else None
+        assert ' --epochs 2 --patience 0 ' in c and (f'--fit {fit}' in c if fit else '--fit' not in c), c
+    assert calls[-1].startswith(f"compare_likelihoods.py {' '.join(runs)} --data-dir d --out results/quick/recipes ")
+    for bad in (['train', 'FIT=grey'], ['recipes', 'RECIPES=gaussian:grey']):
+        r = subprocess.run(['make', *bad, 'DATA=d', 'PY=./fakepy'], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and 'grey: one of discrete, dequantised, gray' in r.stderr, r.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Writes into --out-dir (default runs/<dist>-z<latent>-s<seed>, runs/iwae<K>/... f
 --objective iwae): model.pt (the best epoch by what the likelihood is ranked by: the negative
 ELBO of the 8-bit validation pixels in bits/dim; bernoulli, which has no 8-bit score, by its
 validation ELBO or K-sample bound), metrics.csv (one row per epoch), reconstructions.png, samples.png.
-All numbers are nats per image; the ELBO always uses the normalised log-density and KL
-weight 1, whatever objective (--kl-weight, MSE form, IWAE) was optimised.
+All numbers are nats per image (the 8-bit score bits/dim); the ELBO always uses the normalised
+log-probability of the likelihood's data (a density's, or its 8-bit bin masses under --fit
+discrete) and KL weight 1, whatever objective (--kl-weight, MSE form, IWAE) was optimised.
 """
 import utils
 if __name__ == '__main__':
@@ -52,8 +53,8 @@ def make_parser():
     p.add_argument('--samples', type=number(int, 1, 1000), default=1,
                    help='L: Monte-Carlo samples of z per image for the reconstruction term')
     p.add_argument('--kl-weight', type=number(float, 0, 1e6), default=None,
-                   help='weight of the KL in the training loss (default 1; sigma^2/784 for '
-                        'gaussian-fixed, which makes its MSE-form loss the exact negative ELBO up to scale)')
+                   help='weight of the KL in the training loss (default 1; sigma^2/784 for gaussian-fixed '
+                        '--fit gray, which makes its MSE-form loss the exact negative ELBO up to scale)')
     p.add_argument('--sigma', type=number(float, 1e-3, 1e3), default=0.1,
                    help='gaussian-fixed: the fixed std, beta^(-1/2)')
     p.add_argument('--bins', type=number(int, 2, 256), default=256, help='categorical: number of levels K')
@@ -96,9 +97,12 @@ def parse_args(argv=None):
     if args.fit is not None and args.fit not in getattr(lik, 'fits', ()):
         p.error(f"--fit {args.fit}: {args.dist} offers " + (', '.join(lik.fits) if 'fit' in lik.options else
                                                             'no --fit (only the densities do)'))
+    fit_dir = '' if args.fit is None or args.fit == lik.fits[0] else args.fit    # as the Makefile names it
+    if 'fit' in lik.options:
+        args.fit = args.fit or lik.fits[0]          # recorded as what it resolved to
     if args.out_dir is None:
         group = f'iwae{args.iw_samples}' if args.objective == 'iwae' else ''
-        args.out_dir = os.path.join('runs', group, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
+        args.out_dir = os.path.join('runs', group, fit_dir, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
     return args
 
 
@@ -225,9 +229,16 @@ def load_last(args):
         sys.exit(f"error: --resume: {path} was not written by this project's train.py")
     if args.precision == 'auto':          # continue in the precision the run was started in
         args.precision = state['args'].get('precision', 'fp32')
+    lik = vae.LIKELIHOODS.get(state['args'].get('dist'), vae.Likelihood)
+    objective, k = state['args'].get('objective', 'elbo'), state['args'].get('iw_samples', 5)
+    rule = selection(lik, objective, k)[0]     # what this version would pick that run's checkpoint by
+    if state.get('selected_by', 'val_iwae_nats' if objective == 'iwae' else 'val_elbo_nats') != rule:
+        sys.exit(f"error: --resume: {path} comes from a version of train.py that kept the epoch with the best "
+                 f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: it cannot "
+                 f"be continued; start over (train.py --overwrite, or delete {path} for make), or use another --out-dir")
     p = make_parser()
     saved = {**{k: p.get_default(k) for k in NEWER_FLAGS},    # a run from before them: at their defaults,
-             **vae.LIKELIHOODS[state['args']['dist']].before_options, **state['args']}   # or as they trained
+             **lik.before_options, **state['args']}           # or as they trained
     for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
@@ -237,11 +248,6 @@ def load_last(args):
     if args.epochs < state['epoch']:
         sys.exit(f"error: --resume: {path} is at epoch {state['epoch']}; --epochs {args.epochs} would end "
                  f"before it (--epochs may only grow)")
-    rule = selection(vae.LIKELIHOODS[state['args']['dist']], args)[0]
-    if state.get('selected_by', 'val_iwae_nats' if args.objective == 'iwae' else 'val_elbo_nats') != rule:
-        sys.exit(f"error: --resume: {path} comes from a version of train.py that kept the epoch with the best "
-                 f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: "
-                 f"start over with --overwrite, or use another --out-dir")
     return state
 
 
@@ -249,14 +255,14 @@ def load_last(args):
 # training
 
 
-def selection(lik, args):
+def selection(lik, objective, iw_samples):
     """What picks the checkpoint and stops early, as (metrics.csv column, +1 or -1 for larger or
     smaller is better, words): a likelihood with an 8-bit score by that (the negative ELBO of the
     8-bit validation pixels, bits/dim), whatever it trains on; bernoulli by its objective."""
     if lik.scored:
         return 'val_nelbo_8bit_bpd', -1, 'val 8-bit negative ELBO (bits/dim)'
-    if args.objective == 'iwae':
-        return 'val_iwae_nats', 1, f'val IWAE-{args.iw_samples} bound (nats)'
+    if objective == 'iwae':
+        return 'val_iwae_nats', 1, f'val IWAE-{iw_samples} bound (nats)'
     return 'val_elbo_nats', 1, 'val ELBO (nats)'
 
 
@@ -384,18 +390,19 @@ def train(args):
 
 def fit(args, device, data, state=None):
     """Train from scratch or from a last.pt state, writing last.pt and metrics.csv every epoch
-    and model.pt (the best epoch by the validation objective) at the end; Ctrl-C, SIGTERM or a kill
+    and model.pt (the best epoch by selection()) at the end; Ctrl-C, SIGTERM or a kill
     leave last.pt for --resume."""
     torch.manual_seed(args.seed)
     model = vae.build(vars(args)).to(device)
     lik = model.lik
+    options = {k: getattr(lik, k) for k in lik.options}    # as resolved, for model.pt (a likelihood keeps its options)
     kl_weight = lik.default_kl_weight if args.kl_weight is None else args.kl_weight
     iw = args.iw_samples if args.objective == 'iwae' else None
     if iw:
         kl_weight = 1.0
     if lik.training_note(bool(iw)):
         print(lik.training_note(bool(iw)))
-    select, sign, said = selection(lik, args)     # what picks model.pt
+    select, sign, said = selection(lik, args.objective, args.iw_samples)     # what picks model.pt
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x8 = data['val'][0][:args.val_subset].to(device)
     val_x = vae.eval_data(lik, val_x8)                       # fixed binarisation/noise
@@ -433,6 +440,7 @@ def fit(args, device, data, state=None):
         model.load_state_dict(state['state_dict'])
         opt.load_state_dict(state['optimizer'])
         rows, best, best_epoch, best_state, done = (state[k] for k in ('rows', 'best', 'best_epoch', 'best_state', 'epoch'))
+        rows = [{**r, 'selected_by': select} for r in rows]     # an older last.pt's rows lack it; the rule is the same
         best_elbo = state.get('best_elbo') or next((float(r['val_elbo_nats']) for r in rows
                                                     if r['epoch'] == best_epoch), -math.inf)   # an older last.pt
         best_state = best_state and {k: v.to(device) for k, v in best_state.items()}
@@ -487,7 +495,7 @@ def fit(args, device, data, state=None):
         utils.save_torch({
             'format': vae.CKPT_FORMAT,
             'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False, 'overwrite': False,
-                     **{k: getattr(lik, k) for k in lik.options}},     # as resolved (--fit's default)
+                     **options},
             'state_dict': best_state,
             'epoch': best_epoch,
             'epochs_trained': done,

@@ -210,9 +210,12 @@ def normal_log_interval(loc, scale, lo, hi):
     small = torch.special.log_ndtr(torch.where(flip, -b, a))
     out = big + torch.log(-torch.expm1(small - big))
     lost = ~(small < big)
-    if lost.any():     # rare: density at the middle times the width (finite everywhere, differentiable)
-        mid, width = ((lo + hi) / 2).clamp(-1e300, 1e300), (hi - lo).clamp(max=1e300)
-        out = torch.where(lost, Normal(loc, scale).log_prob(mid) + width.log(), out)
+    if lost.any():     # rare: an end bin from its one tail, unclamped; another from its density at the middle
+        end = lo.isinf() | hi.isinf()               # times its width (finite everywhere, differentiable)
+        lo_f, hi_f = torch.where(lo.isinf(), hi, lo), torch.where(hi.isinf(), lo, hi)
+        tail = torch.special.log_ndtr(torch.where(lo.isinf(), hi_f - loc, loc - lo_f) / scale)
+        inner = Normal(loc, scale).log_prob((lo_f + hi_f) / 2) + (hi_f - lo_f).clamp(min=1e-300).log()
+        out = torch.where(lost, torch.where(end, tail, inner), out)
     return out
 
 
@@ -547,7 +550,7 @@ class Likelihood(nn.Module):
     - data(x8): the float images in [0, 1] it models (training, validation, test);
     - log_prob_8bit: its exact log-probability of the 8-bit test image (None: not defined);
     - density: a density on [0, 1] or R, scored by integrating it over each 8-bit bin;
-    - scored: it has that score, so validation picks its checkpoint by it (else by its ELBO);
+    - scored: it has that score, so validation picks its checkpoint by it (else by its objective);
     - options: the train.py flags it takes; tag(): the run-name suffix they give;
     - clipped: its means and samples may leave [0, 1] (figures clip them);
     - diagnostics(): extra evaluation numbers, `diagnostic_columns` of likelihoods.csv."""
@@ -731,12 +734,16 @@ class ContinuousBernoulliLik(DensityLik):
 
 
 class GaussianLik(DensityLik):
-    """Normal with a learned per-pixel mean and std. The std is floored at 0.01 (2.56 bins): on
-    gray values the density of the many exactly-0 pixels grows without bound as it shrinks;
-    the mean is free, so the first bin, which reaches to -inf, can still hold all the mass."""
+    """Normal with a learned per-pixel mean and std. The std is floored at 0.001 (0.256 bins, as
+    the logistic's scale), on gray values at 0.01 (2.56 bins): there the density of the many
+    exactly-0 pixels grows without bound as it shrinks. The mean is free, so the end bins, which
+    reach to -inf and inf, can hold all of a pixel's mass."""
     channels = 2
-    std_floor = 1e-2
     clipped = True
+
+    @property
+    def std_floor(self):
+        return 1e-2 if self.fit == 'gray' else 1e-3
 
     def scale(self, params):
         return positive(pixel(params[..., 1]), self.std_floor)
@@ -753,6 +760,7 @@ class SharedGaussianLik(GaussianLik):
     """Normal with a learned per-pixel mean and one learned std for every pixel and image
     (the sigma-VAE, Rybkin et al. 2021): the std a fixed-variance Gaussian would pick by hand."""
     channels = 1
+    before_options = {}
 
     def __init__(self, features, **options):
         super().__init__(features, **options)
@@ -782,7 +790,8 @@ class FixedGaussianLik(GaussianLik):
 
     def training_note(self, iwae):
         if self.fit != 'gray' and not iwae:
-            return f'note: --fit {self.fit} trains gaussian-fixed on its normalised density, not {self.mse_form}'
+            what = 'its exact 8-bit bin masses' if self.fit == 'discrete' else 'its normalised density of them'
+            return f'note: --fit {self.fit} trains gaussian-fixed on {what}, not {self.mse_form} (--fit gray)'
         return super().training_note(iwae)
 
     def scale(self, params):
@@ -861,7 +870,7 @@ class BetaLik(DensityLik):
 class _BetaBinsGrad(torch.autograd.Function):
     """per_pixel(raw, v) with a gradient: forward the exact scores; backward their derivative in
     each raw parameter by central differences of the exact score in float64 (step 1e-3 in raw
-    units: within 1e-6 of the derivative, test_beta_bin_gradient...), from one call on 5N pixels."""
+    units: within 1e-5 of the derivative, test_beta_bin_gradient...), from one call on 5N pixels."""
     step = 1e-3
 
     @staticmethod
@@ -870,12 +879,13 @@ class _BetaBinsGrad(torch.autograd.Function):
         d = torch.eye(2, dtype=r.dtype, device=r.device) * _BetaBinsGrad.step
         f, a1, a0, b1, b0 = per_pixel(torch.cat([r, r + d[0], r - d[0], r + d[1], r - d[1]]), v.repeat(5)).view(5, -1)
         ctx.save_for_backward(torch.stack([a1 - a0, b1 - b0], -1) / (2 * _BetaBinsGrad.step))
+        ctx.dtype = raw.dtype
         return f
 
     @staticmethod
     def backward(ctx, grad):
         (deriv,) = ctx.saved_tensors        # (N, 2)
-        return (grad[:, None] * deriv).to(torch.float32), None, None
+        return (grad[:, None] * deriv).to(ctx.dtype), None, None
 
 
 class CategoricalLik(Likelihood):
@@ -1096,7 +1106,8 @@ class VAE(nn.Module):
 
 def elbo_terms(model, x, samples=1, generator=None, dtype=None):
     """Per-image E_q[log p(x|z)] (mean over L samples) and KL (B,), and the features h.
-    ELBO = log_px - kl, always with KL weight 1 and the normalised log-density."""
+    ELBO = log_px - kl, always with KL weight 1 and the likelihood's normalised log_prob of its
+    data (a density's, or under --fit discrete its exact 8-bit bin masses)."""
     h, mu, logvar = model(x, samples, generator, dtype)
     return model.lik.log_prob(h, x).mean(0), kl_normal(mu, logvar), h
 
@@ -1189,7 +1200,7 @@ def model_name(args, lik):
 def build(args):
     """The model (with its likelihood, model.lik) from a dict of training arguments,
     as stored in checkpoints."""
-    lik = make_likelihood(args['dist'], VAE.features, **{**LIKELIHOODS[args['dist']].before_options, **args})
+    lik = make_likelihood(args['dist'], VAE.features, **args)
     return VAE(lik, args['latent_dim'])
 
 
@@ -1214,6 +1225,7 @@ def load_checkpoint(path, device='cpu'):
     ckpt = read_torch_file(path, device)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
-    model = build(ckpt['args'])
+    cls = LIKELIHOODS.get(ckpt['args']['dist'], Likelihood)
+    model = build({**cls.before_options, **ckpt['args']})     # the options it trained with, where older than them
     model.load_state_dict(ckpt['state_dict'])
     return model.to(device).eval(), ckpt
