@@ -237,8 +237,8 @@ def load_last(args):
                  f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: it cannot "
                  f"be continued; start over (train.py --overwrite, or delete {path} for make), or use another --out-dir")
     p = make_parser()
-    saved = {**{k: p.get_default(k) for k in NEWER_FLAGS},    # a run from before them: at their defaults,
-             **lik.before_options, **state['args']}           # or as they trained
+    saved = {**state['args'], **{k: v for k, v in {**{k: p.get_default(k) for k in NEWER_FLAGS}, **lik.before_options}.items()
+                                 if k not in state['args']}}   # a run from before them: as it trained, or the defaults
     for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
