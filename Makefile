@@ -90,7 +90,7 @@ help:   # the targets and the variables they take
 	@echo 'make latent   DATA=dir [DIST=bernoulli EPOCHS=20]   a 2-D latent model and its two figures'
 	@echo 'make latent-all DATA=dir [DISTS="..."]             the same for every likelihood, side by side'
 	@echo 'make bench    DATA=dir              training and evaluation speed: results/bench.csv'
-	@echo 'make figures                        copies the README figures from results/ into docs/figures/'
+	@echo 'make figures  [QUICK=1]             copies the README figures from results/ (results/quick/) into docs/figures/'
 	@echo 'DATA holds MNIST/raw/ (downloaded there if missing and online); the first target creates .venv.'
 
 train: $(RUN)/model.pt
@@ -128,14 +128,15 @@ results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.p
 results/latent_all.png: plot_latent.py vae.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $(filter %.pt,$^) --data-dir $(DATA) --all $@
 
-# make figures: the README's figures, copied from results/ (it never trains: run make compare,
-# make latent-all first); docs/figures/ is the one committed output.
-FIGURES := likelihoods.png samples.png reconstructions.png learning_curves.png latent_all.png \
-           latent_bernoulli.png manifold_bernoulli.png
+# make figures: the README's figures, copied from $(RESULTS)/ (make compare's, QUICK=1: results/quick/)
+# and results/ (make latent-all's); it never trains: run those first. docs/figures/ is the one
+# committed output.
+FIGURES := $(addprefix $(RESULTS)/,likelihoods.png samples.png reconstructions.png learning_curves.png) \
+           $(addprefix results/,latent_all.png latent_bernoulli.png manifold_bernoulli.png)
 figures:
 	@mkdir -p docs/figures
-	@for f in $(FIGURES); do if [ -f results/$$f ]; then cp results/$$f docs/figures/$$f && echo "docs/figures/$$f"; \
-	  else echo "results/$$f is missing (make compare / make latent-all draw it): not updated" >&2; fi; done
+	@for f in $(FIGURES); do if [ -f $$f ]; then cp $$f docs/figures/ && echo "docs/figures/$$(basename $$f) from $$f"; \
+	  else echo "$$f is missing (make compare / make latent-all draw it): not updated" >&2; fi; done
 
 # make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.
 bench: results/bench.csv

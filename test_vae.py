@@ -1969,6 +1969,21 @@ def test_make_compare_budget_is_the_default_or_long(tmp_path):
 
 
 @pytest.mark.slow
+def test_make_figures_copies_the_chosen_comparison_and_the_latent_figures(tmp_path):
+    makefile_sandbox(tmp_path)
+    for d in ('results/quick', 'results'):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'results/quick/likelihoods.png').write_text('quick')
+    (tmp_path / 'results/likelihoods.png').write_text('default budget')
+    (tmp_path / 'results/latent_all.png').write_text('latent')
+    r = subprocess.run(['make', 'figures', 'QUICK=1'], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    figs = tmp_path / 'docs' / 'figures'
+    assert (figs / 'likelihoods.png').read_text() == 'quick' and (figs / 'latent_all.png').read_text() == 'latent'
+    assert 'results/quick/samples.png is missing' in r.stderr and not (figs / 'samples.png').exists()
+
+
+@pytest.mark.slow
 def test_make_recipes_trains_each_fit_at_the_compare_budget_and_refuses_a_misspelt_fit(tmp_path):
     makefile_sandbox(tmp_path)
     make = ['make', 'recipes', 'DATA=d', 'RECIPES=gaussian:gray beta:dequantised', 'QUICK=1', 'PY=./fakepy']
