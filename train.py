@@ -237,8 +237,8 @@ def load_last(args):
                  f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: it cannot "
                  f"be continued; start over (train.py --overwrite, or delete {path} for make), or use another --out-dir")
     p = make_parser()
-    saved = {**state['args'], **{k: v for k, v in {**{k: p.get_default(k) for k in NEWER_FLAGS}, **lik.before_options}.items()
-                                 if k not in state['args']}}   # a run from before them: as it trained, or the defaults
+    older = {**{k: p.get_default(k) for k in NEWER_FLAGS}, **lik.before_options}   # what a run from before them had
+    saved = {**state['args'], **{k: v for k, v in older.items() if k not in state['args']}}   # its own flags first
     for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
@@ -400,8 +400,9 @@ def fit(args, device, data, state=None):
     iw = args.iw_samples if args.objective == 'iwae' else None
     if iw:
         kl_weight = 1.0
-    if lik.training_note(bool(iw)):
-        print(lik.training_note(bool(iw)))
+    note = lik.training_note(bool(iw))
+    if note:
+        print(note)
     select, sign, said = selection(lik, args.objective, args.iw_samples)     # what picks model.pt
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x8 = data['val'][0][:args.val_subset].to(device)
