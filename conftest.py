@@ -35,7 +35,7 @@ def on_the_cpu(monkeypatch):
 def eager_beta(monkeypatch):
     """Beta scores on its eager path, which the compiled passes equal (tested): compiling them
     takes minutes on a cold cache. Each test starts as if nothing had failed to compile."""
-    for name in ('_beta_first_fused', '_beta_bins_fused', '_cf_fused'):
+    for name in ('_beta_first_fused', '_beta_bins_fused', '_cf_fused', '_beta_first_grad_fused', '_beta_bins_grad_fused'):
         monkeypatch.setattr(vae, name, vae.Fused(None))
     monkeypatch.setattr(vae.Fused, 'fell_back', '')
 

@@ -41,6 +41,7 @@ def random_x8(*shape, seed=0):
 
 REAL_LOAD_MNIST = vae.load_mnist   # before synthetic_mnist patches it
 BETA_LOOPS = ('_beta_first_fused', '_beta_bins_fused', '_cf_fused')   # beta's compiled passes
+BETA_GRAD_LOOPS = ('_beta_first_grad_fused', '_beta_bins_grad_fused')   # the same with derivatives
 
 
 # -----------------------------------------------------------------------------
@@ -501,17 +502,19 @@ def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_compiled_loop_equals_its_eager_function(monkeypatch):
-    """torch.compile's fused C++ (or Triton) loop computes what the eager function does; compiled
-    at 4 series terms, one loop only, so that a cold cache compiles in seconds. Where nothing can
-    compile it, the eager path is what runs, and this test says so."""
+@pytest.mark.parametrize('grad', [False, True])
+def test_a_compiled_loop_equals_its_eager_function(monkeypatch, grad):
+    """torch.compile's fused C++ (or Triton) loop computes what the eager function does, with and
+    without the derivatives; compiled at 4 series terms, the first-bin loop only, so that a cold
+    cache compiles in seconds. Where nothing can compile it, the eager path is what runs, and
+    this test says so."""
     lik, h, x8 = beta_head_features(2)
-    raw = lik.params(h).detach().reshape(-1, 2)[:4000]
-    loop = vae.Fused(partial(vae.beta_first_bin_terms, terms=4))
-    got = loop(raw, lik.floor)
+    raw = lik.params(h).detach().reshape(-1, 2)[:4000].double()
+    fn = partial(vae.beta_first_bin_terms, terms=4, grad=grad)
+    got = vae.Fused(fn)(raw, lik.floor)
     if got is None:
         pytest.skip(f'torch.compile cannot compile here ({vae.Fused.fell_back}): the loops run eagerly')
-    want = vae.beta_first_bin_terms(raw, lik.floor, terms=4)
+    got, want = (torch.stack(t, -1) if grad else t for t in (got, fn(raw, lik.floor)))
     assert torch.equal(got.isnan(), want.isnan()) and 0 < (~want.isnan()).sum() < want.numel()
     torch.testing.assert_close(got[~got.isnan()], want[~want.isnan()], rtol=1e-13, atol=1e-13)
 
@@ -652,20 +655,80 @@ def test_old_checkpoints_keep_their_recipe(tmp_path):
     assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta-dequantised'
 
 
+def eager_grad_loops(monkeypatch, terms=None):
+    """Beta's derivative loops run eagerly (as torch.compile would run them), the value loops not
+    at all (Fused(None), as in eager_beta); terms: shorter series, so that some bins fall through."""
+    monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)
+    monkeypatch.setattr(vae, 'cpp_compiler', lambda: 'g++')         # whether or not this machine has one
+    cut = {} if terms is None else {'terms': terms}
+    monkeypatch.setattr(vae, '_beta_first_grad_fused', vae.Fused(partial(vae.beta_first_bin_terms, grad=True, **cut)))
+    monkeypatch.setattr(vae, '_beta_bins_grad_fused', vae.Fused(partial(vae.beta_bins_terms, grad=True, **cut)))
+
+
+def test_digamma_matches_torch_over_every_scale():
+    x = torch.exp(torch.linspace(math.log(1e-3), math.log(1e18), 2001, dtype=torch.float64))
+    torch.testing.assert_close(vae.digamma(x), torch.digamma(x), rtol=1e-13, atol=1e-12)
+
+
+def test_series_derivatives_equal_autograd_of_the_series():
+    """The forward-mode derivatives carried through the series loop (series_log_i with psi)
+    equal autograd's derivative of the same float64 expression, in s and t, where it converges."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(-6, 7, generator=g)).requires_grad_()
+            for _ in range(2))
+    x = torch.rand(4000, generator=g, dtype=torch.float64) * 0.6
+    x[:100] = 0                                              # I_0 = 0: no derivative
+    lb = torch.lgamma(s) + torch.lgamma(t) - torch.lgamma(s + t)
+    value = vae.series_log_i(s, t, x, lb, 48)
+    ok = value.isfinite()
+    assert 0.3 < ok[100:].double().mean() < 1                # the series converges for some, not all
+    want = torch.autograd.grad(value[ok].sum(), (s, t))
+    psi = tuple(torch.digamma(c.detach()) for c in (s, t, s + t))
+    got, ds, dt = vae.series_log_i(s.detach(), t.detach(), x, lb.detach(), 48, psi)
+    torch.testing.assert_close(got[ok], value.detach()[ok], rtol=0, atol=0)
+    assert (ds[:100] == 0).all() and (dt[:100] == 0).all()
+    torch.testing.assert_close(ds[ok], want[0][ok], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dt[ok], want[1][ok], rtol=1e-9, atol=1e-9)
+
+
+def test_beta_derivatives_from_the_loops_equal_central_differences(monkeypatch):
+    """per_pixel(grad=True): its derivatives through the series passes (here shortened, so
+    that bins reach the central differences too) agree with central differences of the exact
+    score on every kind of bin, concentrations from 1e-3 to 1e4."""
+    eager_grad_loops(monkeypatch, terms=8)
+    lik, h, x8 = beta_head_features()
+    raw = lik.params(h).detach().reshape(-1, 2).double()
+    v = x8.squeeze(1).expand(h.shape[:-1]).reshape(-1)
+    f, deriv = lik.per_pixel(raw, v, grad=True)
+    first = vae._beta_first_grad_fused(raw[v == 0], lik.floor)[0]
+    bins = vae._beta_bins_grad_fused(raw[v != 0], v[v != 0], lik.floor, torch.tensor(False))[0]
+    assert first.isnan().any() and bins.isnan().any() and not first.isnan().all()   # both routes taken
+    want_f, want = vae._BetaBinsGrad.differences(lik.per_pixel, raw, v)
+    torch.testing.assert_close(f, want_f, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, lik.per_pixel(raw, v), rtol=1e-10, atol=1e-10)
+    # central differences carry an error of (1e-3)^2 / 6 times the third derivative
+    torch.testing.assert_close(deriv, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('route', ['series', 'differences'])
 @pytest.mark.parametrize('a,b,v', [(0.05, 30.0, 0), (0.4, 3.0, 0), (2.0, 0.3, 255), (5.0, 2.0, 170), (40.0, 60.0, 102),
                                    (300.0, 700.0, 77), (1.5, 900.0, 1), (0.002, 0.002, 128)])
-def test_beta_bin_gradient_matches_high_precision_derivatives(a, b, v):
+def test_beta_bin_gradient_matches_high_precision_derivatives(monkeypatch, a, b, v, route):
     """--fit discrete for beta: d log P(v | a, b) / d raw, the raw head outputs (a = softplus(raw)
-    + 0.001), against mpmath's derivative of its regularised incomplete beta in 30 digits."""
+    + 0.001), against mpmath's derivative of its regularised incomplete beta in 30 digits: from
+    the derivative loops where their series converge, by central differences of the eager score
+    everywhere (the route a bin the loops miss takes)."""
     mpmath = pytest.importorskip('mpmath')
     mpmath.mp.dps = 30
+    if route == 'series':
+        eager_grad_loops(monkeypatch)
     lik = lik_of('beta')
     inv = lambda c: c - lik.floor + math.log(-math.expm1(lik.floor - c))     # noqa: E731 (softplus^-1)
-    raw = torch.tensor([[inv(a), inv(b)]], requires_grad=True)
-    v8 = torch.tensor([v], dtype=torch.uint8)
+    raw = torch.tensor([[inv(a), inv(b)]] * 2, requires_grad=True)       # two pixels: a loop takes at least two
+    v8 = torch.tensor([v, v], dtype=torch.uint8)
     got = vae._BetaBinsGrad.apply(raw, v8, lik.per_pixel)
     got.sum().backward()
-    got = got.detach()
+    got = got.detach()[0]
     lo, hi = mpmath.mpf(v) / 256, mpmath.mpf(v + 1) / 256
 
     def log_p(r0, r1):

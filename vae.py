@@ -14,6 +14,7 @@ Conventions, stated once for the whole project:
 import logging
 import math
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -349,45 +350,102 @@ def log_gamma(x):
     return torch.where(small, out - prod.log(), out)
 
 
-def log_series_terms(c, d, x, terms):
+def digamma(x):
+    """torch.digamma of float64 x > 0 from arithmetic and log alone, for the fused loops as
+    log_gamma: psi(x) = psi(x + 8) - sum_k 1/(x + k), k = 0..7 (summed as one fraction), with the
+    asymptotic series at x + 8 (its first omitted term is below 1e-15 there)."""
+    small = x < 1e15
+    xs = torch.where(small, x, 1.0)
+    num, den = torch.zeros_like(xs), torch.ones_like(xs)
+    for k in range(8):
+        num, den = num * (xs + k) + den, den * (xs + k)
+    y = torch.where(small, xs + 8, x)
+    r = 1 / y
+    r2 = r * r
+    series = r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 * (1 / 240 - r2 * (
+        1 / 132 - r2 * (691 / 32760 - r2 / 12))))))
+    out = y.log() - r / 2 - series
+    return torch.where(small, out - num / den, out)
+
+
+def log_series_terms(c, d, x, terms, grad=False):
     """log_series_sum from a fixed number of terms, summed backwards (Horner) as a fraction U / V
     so the loop has no division (terms + 1 terms, t_0 to t_terms); nan where the rest may exceed
     1e-15 of the sum: the ratio of successive terms moves monotonically towards x, so the rest
-    is at most t rho / (1 - rho), with t = t_terms and rho = max(the next ratio, x)."""
+    is at most t rho / (1 - rho), with t = t_terms and rho = max(the next ratio, x).
+    grad: also its derivatives in c and d (forward mode, carried through the same loop)."""
     u, v, t = torch.ones_like(x), torch.ones_like(x), torch.ones_like(x)
+    uc, vc, ud, vd = (torch.zeros_like(x) for _ in range(4))
     for n in range(terms - 1, -1, -1):
         p, q = c + n * x, d + n
+        if grad:     # d p / d c = 1, d q / d d = 1
+            uc, vc, ud, vd = q * vc + u + p * uc, q * vc, v + q * vd + p * ud, v + q * vd
         u, v, t = q * v + p * u, q * v, p * t
         if n % 16 == 0:                       # rescale before the products overflow
+            if grad:                          # (u / v)' = (u' - (u / v) v') / v
+                uc, ud = (uc - u / v * vc) / v, (ud - u / v * vd) / v
+                vc, vd = torch.zeros_like(v), torch.zeros_like(v)
             u, t, v = u / v, t / v, torch.ones_like(v)
     rho = torch.maximum((c + terms * x) / (d + terms), x)
     ok = (rho < 1) & (t * rho < 1e-15 * (1 - rho) * u)     # false for inf and nan
-    return torch.where(ok, u.log(), math.nan)
+    out = torch.where(ok, u.log(), math.nan)
+    return (out, uc / u, ud / u) if grad else out
 
 
-def beta_bins_terms(raw, x8, floor, at_half, terms=48):
+def series_log_i(s, t, x, lb, terms, psi=None):
+    """log I_x(s, t) as in log_betainc, for 0 <= x <= 1, from log_series_terms (nan where its
+    terms do not suffice), lb = log B(s, t). psi = (digamma(s), digamma(t), digamma(s + t)):
+    also its derivatives in s and t (0 at x = 0 and 1, where I_x is 0 or 1)."""
+    inner = (x > 0) & (x < 1)
+    xs = torch.where(inner, x, 0.5)
+    series = log_series_terms(xs * (s + t), s + 1, xs, terms, grad=psi is not None)
+    if psi is not None:
+        series, dc, dd = series
+    li = s * xs.log() + t * torch.log1p(-xs) - s.log() - lb + series
+    li = torch.where(inner, li, torch.where(x > 0, 0.0, -math.inf))
+    if psi is None:
+        return li
+    ds = xs.log() - 1 / s - psi[0] + psi[2] + xs * dc + dd      # c = x (s + t), d = s + 1
+    dt = torch.log1p(-xs) - psi[1] + psi[2] + xs * dc
+    return li, torch.where(inner, ds, 0.0), torch.where(inner, dt, 0.0)
+
+
+def beta_params(raw, floor, grad):
+    """a, b = softplus(raw) + floor (float64) from raw (N, 2), log B(a, b), and with grad the
+    digammas series_log_i takes and d(a, b) / d raw."""
+    a, b = (positive(raw[:, i].double(), floor) for i in (0, 1))
+    lb = log_gamma(a) + log_gamma(b) - log_gamma(a + b)
+    if not grad:
+        return a, b, lb, None, None
+    return a, b, lb, (digamma(a), digamma(b), digamma(a + b)), torch.sigmoid(raw.double())
+
+
+def beta_bins_terms(raw, x8, floor, at_half, terms=48, grad=False):
     """Per pixel log P(x8 | a, b) of Beta(a, b), a, b = softplus(raw) + floor, raw (N, 2),
     x8 (N,): beta_log_interval with its series cut at `terms` terms, nan where those do not
     suffice or the difference of CDFs loses the bin. at_half (a 0-dim bool tensor): take the
     survival side above x = 1/2 instead of above the mean, whose series converges faster for
     bins between the two; it then answers only for those bins, and only where the bin holds at
-    least 1e-3 of the larger CDF (at most 1e-12 lost to the difference). Elementwise only, for Fused."""
-    a, b = (positive(raw[:, i].double(), floor) for i in (0, 1))
+    least 1e-3 of the larger CDF (at most 1e-12 lost to the difference). grad: also its
+    derivatives in raw[:, 0] and raw[:, 1]. Elementwise only, for Fused."""
+    a, b, lb, psi, dab = beta_params(raw, floor, grad)
     lo, hi = bin_edges(x8)
     by_mean = lo > a / (a + b)
     up = torch.where(at_half, lo >= 0.5, by_mean)
     s, t = torch.where(up, b, a), torch.where(up, a, b)
     x0, x1 = torch.where(up, 1 - hi, lo), torch.where(up, 1 - lo, hi)
-    lb = log_gamma(a) + log_gamma(b) - log_gamma(a + b)
-
-    def log_i(x):        # log I_x(s, t) as in log_betainc
-        inner = (x > 0) & (x < 1)
-        xs = torch.where(inner, x, 0.5)
-        li = s * xs.log() + t * torch.log1p(-xs) - s.log() - lb + log_series_terms(xs * (s + t), s + 1, xs, terms)
-        return torch.where(inner, li, torch.where(x > 0, 0.0, -math.inf))
-    l0, l1 = log_i(x0), log_i(x1)
+    if grad:
+        psi = (torch.where(up, psi[1], psi[0]), torch.where(up, psi[0], psi[1]), psi[2])
+    e0, e1 = series_log_i(s, t, x0, lb, terms, psi), series_log_i(s, t, x1, lb, terms, psi)
+    l0, l1 = (e0[0], e1[0]) if grad else (e0, e1)
     ok = (l0 < l1) & (~at_half | ((up != by_mean) & (l1 - l0 >= 1e-3)))
-    return torch.where(ok, l1 + torch.log(-torch.expm1(l0 - l1)), math.nan)
+    rest = -torch.expm1(l0 - l1)            # the bin's share of I_x1
+    out = torch.where(ok, l1 + torch.log(rest), math.nan)
+    if not grad:
+        return out
+    w = torch.exp(l0 - l1)                  # d log(I_1 - I_0) = (d l1 - w d l0) / (1 - w)
+    ds, dt = ((e1[k] - w * e0[k]) / rest for k in (1, 2))
+    return out, torch.where(up, dt, ds) * dab[:, 0], torch.where(up, ds, dt) * dab[:, 1]
 
 
 def log_cf_terms(a, b, x, iters=24):
@@ -433,16 +491,17 @@ def beta_bins_cf(a, b, lo, hi):
     return torch.where(ok, out, math.nan)
 
 
-def beta_first_bin_terms(raw, floor, terms=32):
+def beta_first_bin_terms(raw, floor, terms=32, grad=False):
     """beta_bins_terms for pixels at 0, whose bin [0, 1/256) has one edge to compute:
     log I_(1/256)(a, b) from the series cut at `terms` terms, nan where those do not suffice."""
-    a, b = (positive(raw[:, i].double(), floor) for i in (0, 1))
-    x = torch.full_like(a, 1 / 256)
-    lb = log_gamma(a) + log_gamma(b) - log_gamma(a + b)
-    return a * x.log() + b * torch.log1p(-x) - a.log() - lb + log_series_terms(x * (a + b), a + 1, x, terms)
+    a, b, lb, psi, dab = beta_params(raw, floor, grad)
+    out = series_log_i(a, b, torch.full_like(a, 1 / 256), lb, terms, psi)
+    return (out[0], out[1] * dab[:, 0], out[2] * dab[:, 1]) if grad else out
 
 
 _beta_bins_fused, _beta_first_fused, _cf_fused = Fused(beta_bins_terms), Fused(beta_first_bin_terms), Fused(log_cf_terms)
+_beta_bins_grad_fused = Fused(partial(beta_bins_terms, grad=True))       # the same, with derivatives
+_beta_first_grad_fused = Fused(partial(beta_first_bin_terms, grad=True))
 
 
 class DiscretizedLogistic(Distribution):
@@ -836,49 +895,63 @@ class BetaLik(DensityLik):
         raw = params.reshape(-1, 2)                               # (N, 2)
         v = x8.squeeze(-3).expand(params.shape[:-1]).reshape(-1)  # (N,)
         out = (_BetaBinsGrad.apply(raw, v, self.per_pixel) if torch.is_grad_enabled() and raw.requires_grad
-               else self.per_pixel(raw.detach(), v))
+               else self.per_pixel(raw.detach().double(), v))   # float64 as in _BetaBinsGrad: one compiled graph
         return out.view(params.shape[:-3] + (-1,)).sum(-1).float()
 
-    def per_pixel(self, raw, v):
+    def per_pixel(self, raw, v, grad=False):
         """Exact log P(v | a, b) (N,) float64 of pixels with raw head outputs (N, 2) and levels v (N,),
         in passes compiled by torch.compile (Fused): the series at the one edge of the bins at 0
         (most pixels), at both edges of the others on the mean's side, again at 1/2, then the
         continued fraction; the eager path takes the bins all of them miss, and every bin where
-        compiling fails."""
+        compiling fails. grad: also d/d raw (N, 2), carried through the series passes; the bins
+        they miss get central differences of this exact score (_BetaBinsGrad.differences)."""
         out = torch.full(v.shape, math.nan, dtype=torch.float64, device=v.device)
+        deriv = torch.zeros(v.shape + (2,), dtype=torch.float64, device=v.device)
         side = {f: torch.tensor(f, device=raw.device) for f in (False, True)}
+        first, bins = (_beta_first_grad_fused, _beta_bins_grad_fused) if grad else (_beta_first_fused, _beta_bins_fused)
 
         def ab_edges(i):      # Beta(a, b) and the bin [lo, hi) of pixels i, float64
             lo, hi = bin_edges(v[i])
             return (*(positive(raw[i, j].double(), self.floor) for j in (0, 1)), lo, hi.clamp(max=1))
         nonzero = v != 0         # most pixels are 0: their bin has one edge to compute, not two
-        passes = ((lambda: ~nonzero, lambda i: _beta_first_fused(raw[i], self.floor)),
-                  (lambda: nonzero, lambda i: _beta_bins_fused(raw[i], v[i], self.floor, side[False])),
-                  (lambda: out.isnan() & nonzero, lambda i: _beta_bins_fused(raw[i], v[i], self.floor, side[True])),
-                  (lambda: out.isnan(), lambda i: beta_bins_cf(*ab_edges(i))))
+        passes = ((lambda: ~nonzero, lambda i: first(raw[i], self.floor)),
+                  (lambda: nonzero, lambda i: bins(raw[i], v[i], self.floor, side[False])),
+                  (lambda: out.isnan() & nonzero, lambda i: bins(raw[i], v[i], self.floor, side[True])),
+                  (lambda: out.isnan(), lambda i: None if grad else beta_bins_cf(*ab_edges(i))))
         for pick, run in passes:
             i = pick().nonzero().squeeze(1)
             got = run(i) if len(i) > 1 else None     # (torch.compile would compile again for 1 element)
-            if got is not None:
+            if got is not None and grad:
+                out[i], deriv[i] = got[0], torch.stack(got[1:], -1)
+            elif got is not None:
                 out[i] = got
         i = out.isnan().nonzero().squeeze(1)
-        if len(i):
+        if len(i) and grad:
+            out[i], deriv[i] = _BetaBinsGrad.differences(self.per_pixel, raw[i], v[i])
+        elif len(i):
             out[i] = beta_log_interval(*ab_edges(i))
-        return out
+        return (out, deriv) if grad else out
 
 
 class _BetaBinsGrad(torch.autograd.Function):
-    """per_pixel(raw, v) with a gradient: forward the exact scores; backward their derivative in
-    each raw parameter by central differences of the exact score in float64 (step 1e-3 in raw
-    units: within 1e-5 of the derivative, test_beta_bin_gradient...), from one call on 5N pixels."""
+    """per_pixel(raw, v) with a gradient: forward the exact scores and their derivative in each
+    raw parameter (per_pixel's grad: forward mode through the series, central differences for
+    the bins it misses)."""
     step = 1e-3
 
     @staticmethod
-    def forward(ctx, raw, v, per_pixel):
+    def differences(per_pixel, raw, v):
+        """per_pixel(raw, v) and its derivative by central differences in float64 (step 1e-3 in
+        raw units: within 1e-5 of the derivative, test_beta_bin_gradient...), one call on 5N pixels."""
         r = raw.detach().double()
         d = torch.eye(2, dtype=r.dtype, device=r.device) * _BetaBinsGrad.step
         f, a1, a0, b1, b0 = per_pixel(torch.cat([r, r + d[0], r - d[0], r + d[1], r - d[1]]), v.repeat(5)).view(5, -1)
-        ctx.save_for_backward(torch.stack([a1 - a0, b1 - b0], -1) / (2 * _BetaBinsGrad.step))
+        return f, torch.stack([a1 - a0, b1 - b0], -1) / (2 * _BetaBinsGrad.step)
+
+    @staticmethod
+    def forward(ctx, raw, v, per_pixel):
+        f, deriv = per_pixel(raw.detach().double(), v, grad=True)
+        ctx.save_for_backward(deriv)
         ctx.dtype = raw.dtype
         return f
 
