@@ -1879,6 +1879,28 @@ def test_an_unwritable_output_is_refused_before_the_long_work(reference_run, tmp
     assert 'evaluated' not in r.stdout and 'wrote' not in r.stdout
 
 
+def test_after_the_first_interrupt_the_next_ones_are_ignored(monkeypatch):
+    """A second Ctrl-C or SIGTERM cannot land in the clean-up or the exit of the first: it is
+    ignored from the moment the first is raised (a second KeyboardInterrupt inside the exception
+    hook once made Python die of SIGINT, exit status -2 instead of 130)."""
+    import signal
+    import time
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
+    try:
+        utils.one_line_errors()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            assert signal.getsignal(s) == signal.SIG_IGN
+            os.kill(os.getpid(), s)          # ignored: this test goes on
+        time.sleep(0.05)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.parametrize('delay', [0.5, 1.2, 3.0])
 def test_ctrl_c_twice_at_any_moment_is_one_line(tmp_path, mnist_dir, delay):
     """Ctrl-C twice in a row during the imports (0.3 s), then later (data loading, set-up or the

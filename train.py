@@ -19,7 +19,6 @@ import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -507,10 +506,7 @@ def fit(args, device, data, state=None):
         }, ckpt_path)
         print(f'best {said} {sign * best:.4f} at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
               f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
-    except KeyboardInterrupt:
-        if __name__ == '__main__':        # a second Ctrl-C while this script exits
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
+    except KeyboardInterrupt:          # a second Ctrl-C is ignored (utils.one_line_errors)
         print(f'\ninterrupted after epoch {done} of {args.epochs}; {last_path} keeps it. Resume with:\n'
               f'  {command(args)}', file=sys.stderr)
         sys.exit(130)

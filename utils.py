@@ -18,6 +18,10 @@ DEVICES = ('auto', 'cpu', 'cuda', 'mps')
 
 
 def _raise_interrupt(signum, frame):
+    """The first Ctrl-C or SIGTERM: KeyboardInterrupt, and both ignored from here on, so that
+    a second one cannot land in the clean-up or the exit (Python would then die of SIGINT)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -38,7 +42,7 @@ def is_out_of_memory(e):
 def _excepthook(kind, e, tb):
     if not (issubclass(kind, (KeyboardInterrupt, OSError)) or is_out_of_memory(e)):
         return sys.__excepthook__(kind, e, tb)     # a bug: its traceback is what a report needs
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while this exits
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while this exits (OSError, OOM)
     interrupted = issubclass(kind, KeyboardInterrupt)
     try:
         sys.stdout.flush()
@@ -56,7 +60,8 @@ def one_line_errors():
     Files being written are cleaned up on the way (write_atomic). Call it before the slow
     imports, so that Ctrl-C during them is one line too."""
     sys.excepthook = _excepthook
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupt)
 
 
 # -----------------------------------------------------------------------------
