@@ -506,7 +506,7 @@ def fit(args, device, data, state=None):
         }, ckpt_path)
         print(f'best {said} {sign * best:.4f} at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
               f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
-    except KeyboardInterrupt:          # a second Ctrl-C is ignored (utils.one_line_errors)
+    except KeyboardInterrupt:          # a second Ctrl-C exits at once (utils.one_line_errors)
         print(f'\ninterrupted after epoch {done} of {args.epochs}; {last_path} keeps it. Resume with:\n'
               f'  {command(args)}', file=sys.stderr)
         sys.exit(130)

@@ -18,11 +18,17 @@ DEVICES = ('auto', 'cpu', 'cuda', 'mps')
 
 
 def _raise_interrupt(signum, frame):
-    """The first Ctrl-C or SIGTERM: KeyboardInterrupt, and both ignored from here on, so that
-    a second one cannot land in the clean-up or the exit (Python would then die of SIGINT)."""
+    """The first Ctrl-C or SIGTERM: KeyboardInterrupt, its clean-up and the one-line exit. A
+    second one from then on exits at once (_exit_now), so that it cannot land in that clean-up or
+    exit (Python would then die of SIGINT), and a run whose first was swallowed still stops."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _exit_now)
     raise KeyboardInterrupt
+
+
+def _exit_now(signum, frame):
+    os.write(2, b'interrupted\n')
+    os._exit(130)
 
 
 def describe(e):
@@ -42,7 +48,8 @@ def is_out_of_memory(e):
 def _excepthook(kind, e, tb):
     if not (issubclass(kind, (KeyboardInterrupt, OSError)) or is_out_of_memory(e)):
         return sys.__excepthook__(kind, e, tb)     # a bug: its traceback is what a report needs
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C while this exits (OSError, OOM)
+    for sig in (signal.SIGINT, signal.SIGTERM):     # a Ctrl-C or SIGTERM while this exits
+        signal.signal(sig, signal.SIG_IGN)
     interrupted = issubclass(kind, KeyboardInterrupt)
     try:
         sys.stdout.flush()
@@ -61,7 +68,8 @@ def one_line_errors():
     imports, so that Ctrl-C during them is one line too."""
     sys.excepthook = _excepthook
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_interrupt)
+        if signal.getsignal(sig) is not signal.SIG_IGN:     # inherited as ignored (cmd &): stays so
+            signal.signal(sig, _raise_interrupt)
 
 
 # -----------------------------------------------------------------------------

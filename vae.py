@@ -373,7 +373,7 @@ def log_series_terms(c, d, x, terms, grad=False):
     so the loop has no division (terms + 1 terms, t_0 to t_terms); nan where the rest may exceed
     1e-15 of the sum: the ratio of successive terms moves monotonically towards x, so the rest
     is at most t rho / (1 - rho), with t = t_terms and rho = max(the next ratio, x).
-    grad: also its derivatives in c and d (forward mode, carried through the same loop)."""
+    grad: also the derivatives of that log in c and d (forward mode, carried through the same loop)."""
     u, v, t = torch.ones_like(x), torch.ones_like(x), torch.ones_like(x)
     uc, vc, ud, vd = (torch.zeros_like(x) for _ in range(4))
     for n in range(terms - 1, -1, -1):
@@ -906,7 +906,7 @@ class BetaLik(DensityLik):
         compiling fails. grad: also d/d raw (N, 2), carried through the series passes; the bins
         they miss get central differences of this exact score (_BetaBinsGrad.differences)."""
         out = torch.full(v.shape, math.nan, dtype=torch.float64, device=v.device)
-        deriv = torch.zeros(v.shape + (2,), dtype=torch.float64, device=v.device)
+        deriv = torch.zeros(v.shape + (2,), dtype=torch.float64, device=v.device) if grad else None
         side = {f: torch.tensor(f, device=raw.device) for f in (False, True)}
         first, bins = (_beta_first_grad_fused, _beta_bins_grad_fused) if grad else (_beta_first_fused, _beta_bins_fused)
 
