@@ -1919,6 +1919,7 @@ def test_after_the_first_interrupt_the_next_one_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(os, '_exit', exits.append)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as Python starts in a terminal, not behind `cmd &`
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         utils.one_line_errors()
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
