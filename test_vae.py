@@ -1937,6 +1937,27 @@ def test_after_the_first_interrupt_the_next_one_exits_at_once(monkeypatch):
             signal.signal(s, handler)
 
 
+@pytest.mark.slow
+def test_an_interrupted_run_ignores_signals_through_its_exit(tmp_path):
+    """After an interrupt, the exit ignores Ctrl-C and SIGTERM to the end: an exit handler that runs
+    after utils' (atexit runs the last registered first) sees both ignored, which Python's
+    finalisation keeps, where it would reset a handler of its own to the default."""
+    script = tmp_path / 'run.py'
+    script.write_text(f'''import atexit, os, signal, sys, time
+sys.path.insert(0, {HERE!r})
+import utils
+atexit.register(lambda: print([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]))
+utils.one_line_errors()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    sys.exit(130)
+''')
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stdout.strip() == '[True, True]', (r.returncode, r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize('delay', [0.5, 1.2, 3.0])
 def test_ctrl_c_twice_at_any_moment_is_one_line(tmp_path, mnist_dir, delay):
     """Ctrl-C twice in a row during the imports (0.3 s), then later (data loading, set-up or the

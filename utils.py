@@ -31,6 +31,15 @@ def _exit_now(signum, frame):
     os._exit(130)
 
 
+def _ignore_after_interrupt():
+    """atexit, once interrupted: ignore further signals for the rest of the exit. Python resets a
+    handler of its own to the default as it finalizes, and a second Ctrl-C in the teardown that
+    follows (torch's, tens of ms) would then kill it by SIGINT (exit status -2, not 130)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is _exit_now:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def describe(e):
     """An exception as the one line a user reads: OSError with its file, out-of-memory, ..."""
     if isinstance(e, OSError):
@@ -66,7 +75,9 @@ def one_line_errors():
     program with one line on stderr and exit status 130 (interrupt) or 1, not a traceback.
     Files being written are cleaned up on the way (write_atomic). Call it before the slow
     imports, so that Ctrl-C during them is one line too."""
+    import atexit
     sys.excepthook = _excepthook
+    atexit.register(_ignore_after_interrupt)
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:     # inherited as ignored (cmd &): stays so
             signal.signal(sig, _raise_interrupt)
