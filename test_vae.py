@@ -41,7 +41,6 @@ def random_x8(*shape, seed=0):
 
 REAL_LOAD_MNIST = vae.load_mnist   # before synthetic_mnist patches it
 BETA_LOOPS = ('_beta_first_fused', '_beta_bins_fused', '_cf_fused')   # beta's compiled passes
-BETA_GRAD_LOOPS = ('_beta_first_grad_fused', '_beta_bins_grad_fused')   # the same with derivatives
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ knows about VAEs (that is vae.py); torch and matplotlib are imported where they 
 one_line_errors() can be installed before them.
 """
 import argparse
+import atexit
 import csv
 import math
 import os
@@ -75,7 +76,6 @@ def one_line_errors():
     program with one line on stderr and exit status 130 (interrupt) or 1, not a traceback.
     Files being written are cleaned up on the way (write_atomic). Call it before the slow
     imports, so that Ctrl-C during them is one line too."""
-    import atexit
     sys.excepthook = _excepthook
     atexit.register(_ignore_after_interrupt)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -375,7 +375,8 @@ def log_series_terms(c, d, x, terms, grad=False):
     is at most t rho / (1 - rho), with t = t_terms and rho = max(the next ratio, x).
     grad: also the derivatives of that log in c and d (forward mode, carried through the same loop)."""
     u, v, t = torch.ones_like(x), torch.ones_like(x), torch.ones_like(x)
-    uc, vc, ud, vd = (torch.zeros_like(x) for _ in range(4))
+    if grad:
+        uc, vc, ud, vd = (torch.zeros_like(x) for _ in range(4))
     for n in range(terms - 1, -1, -1):
         p, q = c + n * x, d + n
         if grad:     # d p / d c = 1, d q / d d = 1
