@@ -1946,6 +1946,7 @@ def test_an_interrupted_run_ignores_signals_through_its_exit(tmp_path):
 sys.path.insert(0, {HERE!r})
 import utils
 atexit.register(lambda: print([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)]))
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, not behind `cmd &`
 utils.one_line_errors()
 try:
     os.kill(os.getpid(), signal.SIGINT)
