@@ -41,12 +41,11 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from scipy.stats import t as student_t  # noqa: E402
 
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-       10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # two-sided 95% Student t quantiles
 COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds', 'test_data', 'scored_on', 'n_test',
            'test_elbo_nats', 'test_recon_nats', 'test_kl_nats', 'iwae_nats', 'iwae_k', 'iwae_stderr',
            'nll_8bit_nats', 'bits_per_dim', 'bound_nll_8bit_nats', 'bound_bits_per_dim', 'active_units',
@@ -167,7 +166,7 @@ def mean_ci(values):
     if n < 2:
         return m, None, None
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    t = T95[max(d for d in T95 if d <= n - 1)] if n - 1 <= 30 else 1.96
+    t = student_t.ppf(0.975, n - 1)
     return m, m - t * sd / math.sqrt(n), m + t * sd / math.sqrt(n)
 
 

@@ -1613,8 +1613,10 @@ def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, syn
 
 def test_mean_ci_over_seeds():
     assert cmp.mean_ci([2.0]) == (2.0, None, None)
-    m, lo, hi = cmp.mean_ci([1.0, 2.0, 3.0])
-    assert m == 2.0 and math.isclose(hi - m, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-9) and math.isclose(m - lo, hi - m)
+    m, lo, hi = cmp.mean_ci([1.0, 2.0, 3.0])     # sd 1; t(0.975, 2 d.o.f.) = 4.3027 (printed tables)
+    assert m == 2.0 and math.isclose(hi - m, 4.3027 / math.sqrt(3), rel_tol=1e-4) and math.isclose(m - lo, hi - m)
+    m, lo, hi = cmp.mean_ci([0.0, 2.0] * 20)     # 39 d.o.f.: t = 2.0227, between the table's rows
+    assert math.isclose(hi - m, 2.0227 * math.sqrt(40 / 39) / math.sqrt(40), rel_tol=1e-4)
 
 
 # -----------------------------------------------------------------------------
