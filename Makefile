@@ -122,10 +122,10 @@ latent: results/latent_$(DIST).png
 
 latent-all: results/latent_all.png $(foreach d,$(DISTS),results/latent_$(d).png)
 
-results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.py vae.py | $(VENV)/.installed
+results/latent_%.png results/manifold_%.png: runs/%-z2-s0/model.pt plot_latent.py vae.py distributions.py | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $< --data-dir $(DATA) --out results
 
-results/latent_all.png: plot_latent.py vae.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
+results/latent_all.png: plot_latent.py vae.py distributions.py $(foreach d,$(DISTS),runs/$(d)-z2-s0/model.pt) | $(VENV)/.installed
 	$(PY) plot_latent.py --ckpt $(filter %.pt,$^) --data-dir $(DATA) --all $@
 
 # make figures: the README's figures, copied from $(RESULTS)/ (make compare's, QUICK=1: results/quick/)
@@ -141,7 +141,7 @@ figures:
 # make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.
 bench: results/bench.csv
 
-results/bench.csv: bench.py train.py vae.py utils.py | $(VENV)/.installed
+results/bench.csv: bench.py train.py vae.py distributions.py utils.py | $(VENV)/.installed
 	$(PY) bench.py --data-dir $(DATA) --out $@
 
 test: | $(VENV)/.installed
@@ -172,7 +172,7 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 .PRECIOUS: runs/%/model.pt
 # A run with last.pt but no model.pt was interrupted: it is resumed. A model.pt older than the
 # code is trained again from the start (--overwrite: train.py refuses to replace a run otherwise).
-runs/%/model.pt: train.py vae.py | $(VENV)/.installed
+runs/%/model.pt: train.py vae.py distributions.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
 	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) \
 	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(if $(call run_fit,$*),--fit $(call run_fit,$*)) \

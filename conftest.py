@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import distributions as D
 import vae
 
 
@@ -35,9 +36,9 @@ def on_the_cpu(monkeypatch):
 def eager_beta(monkeypatch):
     """Beta scores on its eager path, which the compiled passes equal (tested): compiling them
     takes minutes on a cold cache. Each test starts as if nothing had failed to compile."""
-    for name in ('_beta_first_fused', '_beta_bins_fused', '_cf_fused', '_beta_first_grad_fused', '_beta_bins_grad_fused'):
-        monkeypatch.setattr(vae, name, vae.Fused(None))
-    monkeypatch.setattr(vae.Fused, 'fell_back', '')
+    for name in ('_first_fused', '_bins_fused', '_cf_fused', '_first_grad_fused', '_bins_grad_fused'):
+        monkeypatch.setattr(D, name, D.Fused(None))
+    monkeypatch.setattr(D.Fused, 'fell_back', '')
 
 
 @pytest.fixture(scope='session')

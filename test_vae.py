@@ -16,6 +16,7 @@ from torch.distributions import (Bernoulli, Beta, Categorical, ContinuousBernoul
                                  Normal, kl_divergence)
 
 import compare_likelihoods as cmp
+import distributions as D
 from conftest import synthetic_images
 import plot_latent
 import train
@@ -40,7 +41,7 @@ def random_x8(*shape, seed=0):
 
 
 REAL_LOAD_MNIST = vae.load_mnist   # before synthetic_mnist patches it
-BETA_LOOPS = ('_beta_first_fused', '_beta_bins_fused', '_cf_fused')   # beta's compiled passes
+BETA_LOOPS = ('_first_fused', '_bins_fused', '_cf_fused')   # beta's compiled passes
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_discretized_logistic_matches_cdf_differences():
     loc = torch.linspace(-0.5, 1.5, 41, dtype=torch.float64).view(-1, 1)
     scale = torch.tensor([0.003, 0.03, 0.3, 3.0], dtype=torch.float64).view(1, -1, 1)
     levels = torch.arange(256, dtype=torch.float64)
-    got = vae.DiscretizedLogistic(loc.unsqueeze(-1), scale).log_prob(levels / 255)  # (41, 4, 256)
+    got = D.DiscretizedLogistic(loc.unsqueeze(-1), scale).log_prob(levels / 255)  # (41, 4, 256)
     upper = torch.where(levels == 255, math.inf, (levels + 0.5) / 255)
     lower = torch.where(levels == 0, -math.inf, (levels - 0.5) / 255)
     cdf = lambda t: torch.sigmoid((t - loc.unsqueeze(-1)) / scale)
@@ -142,7 +143,7 @@ def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     """Hand-written sample and mean agree with log_prob: level frequencies of 200,000
     draws match exp(log_prob), and mean matches the sample mean (end levels included)."""
     torch.manual_seed(0)
-    d = vae.DiscretizedLogistic(torch.tensor(loc), torch.tensor(scale))
+    d = D.DiscretizedLogistic(torch.tensor(loc), torch.tensor(scale))
     s = d.sample((200_000,))
     assert torch.equal(s, torch.round(s * 255) / 255)  # on the grid
     freq = torch.bincount(torch.round(s * 255).long(), minlength=256).double() / s.numel()
@@ -266,7 +267,7 @@ LOGITS = [-100.0, -30.0, -10.0, -1.0, -0.05, 0.0, 1e-3, 0.05, 1.0, 10.0, 30.0, 1
 
 
 def cb(e, dtype=torch.float64):
-    return vae.ContinuousBernoulli(torch.tensor(e, dtype=dtype))
+    return D.ContinuousBernoulli(torch.tensor(e, dtype=dtype))
 
 
 @pytest.mark.parametrize('e', LOGITS)
@@ -287,10 +288,10 @@ def test_continuous_bernoulli_equals_torch_in_float64_where_its_clamp_is_inactiv
     x = torch.linspace(0, 1, 101, dtype=torch.float64)
     t = torch.tensor(e, dtype=torch.float64)
     ref = ContinuousBernoulli(logits=t)
-    torch.testing.assert_close(vae.ContinuousBernoulli(t).log_prob(x), ref.log_prob(x), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(vae.ContinuousBernoulli(t).mean, ref.mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(D.ContinuousBernoulli(t).log_prob(x), ref.log_prob(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(D.ContinuousBernoulli(t).mean, ref.mean, rtol=1e-9, atol=1e-9)
     if abs(e) > 0.01:   # nearer 0 torch's cdf returns x itself, an approximation (ours: quadrature test)
-        torch.testing.assert_close(vae.ContinuousBernoulli(t).cdf(x), ref.cdf(x), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(D.ContinuousBernoulli(t).cdf(x), ref.cdf(x), rtol=1e-9, atol=1e-12)
 
 
 def test_continuous_bernoulli_is_exact_at_logit_minus_30_in_float32_where_torch_is_not():
@@ -298,7 +299,7 @@ def test_continuous_bernoulli_is_exact_at_logit_minus_30_in_float32_where_torch_
     ContinuousBernoulli clamps the probability and returns 2.709; ours is exact in float32."""
     exact = math.log(30 / -math.expm1(-30)) - 30 * 0.002
     x = torch.tensor(0.002)
-    ours = vae.ContinuousBernoulli(torch.tensor(-30.0)).log_prob(x).item()
+    ours = D.ContinuousBernoulli(torch.tensor(-30.0)).log_prob(x).item()
     theirs = ContinuousBernoulli(logits=torch.tensor(-30.0)).log_prob(x).item()
     assert abs(ours - exact) < 1e-5
     assert abs(theirs - exact) > 0.5        # the artefact this class replaces
@@ -307,7 +308,7 @@ def test_continuous_bernoulli_is_exact_at_logit_minus_30_in_float32_where_torch_
 def test_continuous_bernoulli_is_finite_with_gradients_at_large_logits_in_float32():
     e = torch.tensor([-100.0, -30.0, -1e-4, 0.0, 1e-4, 30.0, 100.0], requires_grad=True)
     x = torch.tensor([0.0, 0.3, 1.0])
-    d = vae.ContinuousBernoulli(e.view(-1, 1))
+    d = D.ContinuousBernoulli(e.view(-1, 1))
     lp = d.log_prob(x)
     (lp.sum() + d.mean.sum() + d.cdf(x).sum() + d.icdf(torch.full((7, 1), 0.3)).sum()).backward()
     assert torch.isfinite(lp).all() and torch.isfinite(e.grad).all()
@@ -357,7 +358,7 @@ def test_normal_bins_match_high_precision_cdf_differences():
     lo, hi = vae.bin_edges(v)
     lo, hi = lo.masked_fill(v == 0, -math.inf), hi.masked_fill(v == 255, math.inf)
     for loc, scale in [(0.5, 0.01), (0.02, 0.003), (0.98, 0.05), (-0.3, 0.1), (1.4, 0.2), (0.3, 30.0)]:
-        got = vae.normal_log_interval(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64), lo, hi)
+        got = D.normal_log_interval(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64), lo, hi)
         F_ = lambda t: mpmath.ncdf(t, mu=loc, sigma=scale)            # noqa: E731
         S_ = lambda t: mpmath.ncdf(2 * loc - t, mu=loc, sigma=scale)  # noqa: E731 (survival: no cancellation)
         want = torch.tensor([float(mpmath.log(F_(h) - F_(lw) if h <= loc else S_(lw) - S_(h)))
@@ -376,7 +377,7 @@ def test_beta_bins_match_high_precision_quadrature(a, b, rtol):
     mpmath.mp.dps = 30
     v = torch.tensor([0, 1, 2, 30, 127, 128, 200, 253, 254, 255])
     lo, hi = vae.bin_edges(v)
-    got = vae.beta_log_interval(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), lo, hi)
+    got = D.beta_log_interval(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), lo, hi)
     pdf = lambda x: x ** (a - 1) * (1 - x) ** (b - 1) / mpmath.beta(a, b)  # noqa: E731
     mass = lambda lw, h: (mpmath.betainc(a, b, 0, h, regularized=True) if lw == 0 else  # noqa: E731
                           mpmath.betainc(b, a, 0, 1 - lw, regularized=True) if h == 1 else
@@ -397,7 +398,7 @@ def test_log_betainc_matches_mpmath_in_every_regime():
              (4.0, 4.0, 0.5), (2000.0, 2000.0, 0.497), (51.4, 9019.3, 0.47), (3000.0, 2000.0, 0.12),
              (1286.26, 30.13, 0.56), (2.5, 0.7, 0.0), (2.5, 0.7, 1.0)]
     a, b, x = (torch.tensor(c, dtype=torch.float64) for c in zip(*cases))
-    got = vae.log_betainc(a, b, x)
+    got = D._log_betainc(a, b, x)
     def log_i(ai, bi, xi):                 # above the mean from the other side, where mpmath converges
         if xi == 0:
             return -math.inf
@@ -425,7 +426,7 @@ def test_continuous_bernoulli_bins_match_quadrature():
 def test_log_gamma_matches_torch_lgamma():
     x = torch.exp(torch.linspace(math.log(1e-3), math.log(1e20), 20001, dtype=torch.float64))
     x = torch.cat([x, torch.tensor([1.0, 2.0, 0.5, 1e15, 1e15 * (1 + 1e-15)], dtype=torch.float64)])
-    torch.testing.assert_close(vae.log_gamma(x), torch.lgamma(x), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(D._log_gamma(x), torch.lgamma(x), rtol=1e-14, atol=1e-14)
 
 
 def test_fixed_series_equals_the_adaptive_one_where_it_says_it_is_enough():
@@ -433,8 +434,8 @@ def test_fixed_series_equals_the_adaptive_one_where_it_says_it_is_enough():
     n = 20000
     a, b = (torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-7, 9, generator=g)) for _ in range(2))
     x = torch.rand(n, generator=g, dtype=torch.float64)
-    got = vae.log_series_terms(x * (a + b), a + 1, x, 48)
-    want = vae.log_series_sum(x * (a + b), a + 1, x)
+    got = D._log_series_terms(x * (a + b), a + 1, x, 48)
+    want = D._log_series_sum(x * (a + b), a + 1, x)
     ok = ~got.isnan()
     assert 0.3 < ok.double().mean() < 0.95          # both outcomes occur
     torch.testing.assert_close(got[ok], want[ok], rtol=1e-14, atol=1e-14)
@@ -453,13 +454,26 @@ def beta_head_features(n=6, seed=0):
     return lik, torch.randn(2, n, 28, 28, vae.VAE.features, generator=g), x8
 
 
+def beta_bins_of(lik, h, x8):
+    """Flat float64 a, b, lo, hi (N,): the Beta and the bin of every pixel, as BetaLik scores them."""
+    params = lik.params(h).detach().double()                                        # (2, n, 28, 28, 2)
+    a, b = (vae.positive(vae.pixel(params[..., j]), lik.floor) for j in (0, 1))   # (2, n, 1, 28, 28)
+    lo, hi = vae.bin_edges(x8)
+    return tuple(t.reshape(-1) for t in torch.broadcast_tensors(a, b, lo, hi.clamp(max=1)))
+
+
+def eager_beta_score(lik, h, x8):
+    """log P(x8 | z) per image of the beta head, from the eager score of every bin."""
+    return D._log_interval_eager(*beta_bins_of(lik, h, x8)).view(h.shape[:-3] + (-1,)).sum(-1).float()
+
+
 def test_continued_fraction_matches_scipy_betainc_where_it_converges():
     from scipy.special import betainc
     g = torch.Generator().manual_seed(0)
     n = 20000
     a, b = (torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-7, 9, generator=g)) for _ in range(2))
     x = torch.rand(n, generator=g, dtype=torch.float64) * (a + 1) / (a + b + 2)     # below the switch
-    cf = vae.log_cf_terms(a, b, x)
+    cf = D._log_cf_terms(a, b, x)
     got = a * x.log() + b * torch.log1p(-x) - a.log() - (torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)) + cf
     want = torch.from_numpy(betainc(a.numpy(), b.numpy(), x.numpy())).log()
     ok = ~cf.isnan() & (want > -600)       # scipy's betainc loses digits near its underflow
@@ -468,8 +482,8 @@ def test_continued_fraction_matches_scipy_betainc_where_it_converges():
     torch.testing.assert_close(got[ok], want[ok], rtol=1e-12, atol=5e-11)
 
 
-SHORT_LOOPS = (partial(vae.beta_first_bin_terms, terms=8), partial(vae.beta_bins_terms, terms=16),
-               partial(vae.log_cf_terms, iters=8))   # short, so that more bins reach every pass
+SHORT_LOOPS = (partial(D._series_first, terms=8), partial(D._series_bins, terms=16),
+               partial(D._log_cf_terms, iters=8))   # short, so that more bins reach every pass
 
 
 def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
@@ -477,27 +491,25 @@ def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
     equals beta_log_interval where it answers and leaves some bins to the next; so does the
     whole score."""
     monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)
-    monkeypatch.setattr(vae, 'cpp_compiler', lambda: 'g++')         # whether or not this machine has one
+    monkeypatch.setattr(D, '_cpp_compiler', lambda: 'g++')         # whether or not this machine has one
     for name, fn in zip(BETA_LOOPS, SHORT_LOOPS):
-        monkeypatch.setattr(vae, name, vae.Fused(fn))
+        monkeypatch.setattr(D, name, D.Fused(fn))
     lik, h, x8 = beta_head_features()
     fused = lik.log_prob_8bit(h, x8)
-    params = lik.params(h)
-    raw, v = params.reshape(-1, 2), x8.squeeze(1).expand(params.shape[:-1]).reshape(-1)
-    a, b = (vae.positive(raw[:, j].double(), lik.floor) for j in (0, 1))
-    lo, hi = vae.bin_edges(v)
-    exact = vae.beta_log_interval(a, b, lo, hi.clamp(max=1))
-    z = v == 0
-    first = vae._beta_first_fused(raw[z], lik.floor)
-    bins = vae._beta_bins_fused(raw[~z], v[~z], lik.floor, torch.tensor(False))
+    a, b, lo, hi = beta_bins_of(lik, h, x8)
+    exact = D._log_interval_eager(a, b, lo, hi)
+    z = lo == 0
+    first = D._first_fused(a[z], b[z], lo[z], hi[z])
+    rest = [t[~z] for t in (a, b, lo, hi)]
+    bins = D._bins_fused(*rest, torch.tensor(False))
     i = bins.isnan()
-    again = vae._beta_bins_fused(raw[~z][i], v[~z][i], lik.floor, torch.tensor(True))
-    cf = vae.beta_bins_cf(a, b, lo, hi.clamp(max=1))
+    again = D._bins_fused(*(t[i] for t in rest), torch.tensor(True))
+    cf = D._cf_bins(a, b, lo, hi)
     for got, want in ((first, exact[z]), (bins, exact[~z]), (again, exact[~z][i]), (cf, exact)):
         ok = ~got.isnan()
         assert 0 < ok.sum() < ok.numel()            # each pass answers some bins, not all
         torch.testing.assert_close(got[ok], want[ok], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(fused, vae.DensityLik.log_bins(lik, h, x8), rtol=1e-7, atol=0)   # float32 sums
+    torch.testing.assert_close(fused, eager_beta_score(lik, h, x8), rtol=1e-7, atol=0)   # float32 sums
 
 
 @pytest.mark.slow
@@ -507,50 +519,49 @@ def test_a_compiled_loop_equals_its_eager_function(monkeypatch, grad):
     without the derivatives; compiled at 4 series terms, the first-bin loop only, so that a cold
     cache compiles in seconds. Where nothing can compile it, the eager path is what runs, and
     this test says so."""
-    lik, h, x8 = beta_head_features(2)
-    raw = lik.params(h).detach().reshape(-1, 2)[:4000].double()
-    fn = partial(vae.beta_first_bin_terms, terms=4, grad=grad)
-    got = vae.Fused(fn)(raw, lik.floor)
+    bins = [t[:4000] for t in beta_bins_of(*beta_head_features(2))]
+    fn = partial(D._series_first, terms=4, grad=grad)
+    got = D.Fused(fn)(*bins)
     if got is None:
-        pytest.skip(f'torch.compile cannot compile here ({vae.Fused.fell_back}): the loops run eagerly')
-    got, want = (torch.stack(t, -1) if grad else t for t in (got, fn(raw, lik.floor)))
+        pytest.skip(f'torch.compile cannot compile here ({D.Fused.fell_back}): the loops run eagerly')
+    got, want = (torch.stack(t, -1) if grad else t for t in (got, fn(*bins)))
     assert torch.equal(got.isnan(), want.isnan()) and 0 < (~want.isnan()).sum() < want.numel()
     torch.testing.assert_close(got[~got.isnan()], want[~want.isnan()], rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize('fails', ['first call', 'second pass'])
 def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails):
-    def broken(raw, v, floor, at_half):
+    def broken(a, b, lo, hi, at_half):
         if fails == 'first call' or at_half:
             raise RuntimeError('no Triton')
-        return vae.beta_bins_terms(raw, v, floor, at_half)
+        return D._series_bins(a, b, lo, hi, at_half)
     def also_broken(*a):
         raise RuntimeError('no Triton either')
-    monkeypatch.setattr(vae, '_beta_bins_fused', vae.Fused(broken))
-    monkeypatch.setattr(vae, '_beta_first_fused', vae.Fused(vae.beta_first_bin_terms))
-    monkeypatch.setattr(vae, '_cf_fused', vae.Fused(also_broken))
+    monkeypatch.setattr(D, '_bins_fused', D.Fused(broken))
+    monkeypatch.setattr(D, '_first_fused', D.Fused(D._series_first))
+    monkeypatch.setattr(D, '_cf_fused', D.Fused(also_broken))
     monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)     # the others run eagerly
-    monkeypatch.setattr(vae, 'cpp_compiler', lambda: 'g++')         # whether or not this machine has one
+    monkeypatch.setattr(D, '_cpp_compiler', lambda: 'g++')         # whether or not this machine has one
     lik, h, x8 = beta_head_features(2)
     with pytest.warns(UserWarning, match='torch.compile cannot compile here') as said:
         got = lik.log_prob_8bit(h, x8)
     assert len(said) == 1 and 'no Triton)' in str(said[0].message)       # the first failure only
-    assert vae._beta_bins_fused(torch.zeros(1, 2), torch.zeros(1, dtype=torch.uint8), 0.1, torch.tensor(False)) is None
-    torch.testing.assert_close(got, vae.DensityLik.log_bins(lik, h, x8))
+    assert D._bins_fused(*[torch.ones(2, dtype=torch.float64)] * 4, torch.tensor(False)) is None
+    torch.testing.assert_close(got, eager_beta_score(lik, h, x8))
 
 
 def test_without_a_cpp_compiler_beta_scores_eagerly_and_says_so_once(monkeypatch):
-    monkeypatch.setattr(vae, 'cpp_compiler', lambda: None)                  # no g++, no $CXX
+    monkeypatch.setattr(D, '_cpp_compiler', lambda: None)                  # no g++, no $CXX
     def never(fn, **_):
         raise AssertionError('torch.compile was tried without a compiler')
     monkeypatch.setattr(torch, 'compile', never)
-    for name, fn in zip(BETA_LOOPS, (vae.beta_first_bin_terms, vae.beta_bins_terms, vae.log_cf_terms)):
-        monkeypatch.setattr(vae, name, vae.Fused(fn))
+    for name, fn in zip(BETA_LOOPS, (D._series_first, D._series_bins, D._log_cf_terms)):
+        monkeypatch.setattr(D, name, D.Fused(fn))
     lik, h, x8 = beta_head_features(2)
     with pytest.warns(UserWarning, match='no C\\+\\+ compiler') as said:
         got = lik.log_prob_8bit(h, x8)
     assert len(said) == 1
-    torch.testing.assert_close(got, vae.DensityLik.log_bins(lik, h, x8))
+    torch.testing.assert_close(got, eager_beta_score(lik, h, x8))
 
 
 def test_beta_one_one_scores_exactly_8_bits_per_dim():
@@ -559,7 +570,7 @@ def test_beta_one_one_scores_exactly_8_bits_per_dim():
     v = torch.arange(256)
     lo, hi = vae.bin_edges(v)
     one = torch.ones((), dtype=torch.float64)
-    torch.testing.assert_close(vae.beta_log_interval(one, one, lo, hi), torch.full((256,), -math.log(256),
+    torch.testing.assert_close(D.beta_log_interval(one, one, lo, hi), torch.full((256,), -math.log(256),
                                                                                  dtype=torch.float64), rtol=0, atol=1e-12)
     lik = lik_of('beta')
     with torch.no_grad():                  # a head whose concentrations are 1 (softplus(raw) + 0.001 = 1)
@@ -658,15 +669,15 @@ def eager_grad_loops(monkeypatch, terms=None):
     """Beta's derivative loops run eagerly (as torch.compile would run them), the value loops not
     at all (Fused(None), as in eager_beta); terms: shorter series, so that some bins fall through."""
     monkeypatch.setattr(torch, 'compile', lambda fn, **_: fn)
-    monkeypatch.setattr(vae, 'cpp_compiler', lambda: 'g++')         # whether or not this machine has one
+    monkeypatch.setattr(D, '_cpp_compiler', lambda: 'g++')         # whether or not this machine has one
     cut = {} if terms is None else {'terms': terms}
-    monkeypatch.setattr(vae, '_beta_first_grad_fused', vae.Fused(partial(vae.beta_first_bin_terms, grad=True, **cut)))
-    monkeypatch.setattr(vae, '_beta_bins_grad_fused', vae.Fused(partial(vae.beta_bins_terms, grad=True, **cut)))
+    monkeypatch.setattr(D, '_first_grad_fused', D.Fused(partial(D._series_first, grad=True, **cut)))
+    monkeypatch.setattr(D, '_bins_grad_fused', D.Fused(partial(D._series_bins, grad=True, **cut)))
 
 
 def test_digamma_matches_torch_over_every_scale():
     x = torch.exp(torch.linspace(math.log(1e-3), math.log(1e18), 2001, dtype=torch.float64))
-    torch.testing.assert_close(vae.digamma(x), torch.digamma(x), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(D._digamma(x), torch.digamma(x), rtol=1e-13, atol=1e-12)
 
 
 def test_series_derivatives_equal_autograd_of_the_series():
@@ -678,12 +689,12 @@ def test_series_derivatives_equal_autograd_of_the_series():
     x = torch.rand(4000, generator=g, dtype=torch.float64) * 0.6
     x[:100] = 0                                              # I_0 = 0: no derivative
     lb = torch.lgamma(s) + torch.lgamma(t) - torch.lgamma(s + t)
-    value = vae.series_log_i(s, t, x, lb, 48)
+    value = D._series_log_i(s, t, x, lb, 48)
     ok = value.isfinite()
     assert 0.3 < ok[100:].double().mean() < 1                # the series converges for some, not all
     want = torch.autograd.grad(value[ok].sum(), (s, t))
     psi = tuple(torch.digamma(c.detach()) for c in (s, t, s + t))
-    got, ds, dt = vae.series_log_i(s.detach(), t.detach(), x, lb.detach(), 48, psi)
+    got, ds, dt = D._series_log_i(s.detach(), t.detach(), x, lb.detach(), 48, psi)
     torch.testing.assert_close(got[ok], value.detach()[ok], rtol=0, atol=0)
     assert (ds[:100] == 0).all() and (dt[:100] == 0).all()
     torch.testing.assert_close(ds[ok], want[0][ok], rtol=1e-9, atol=1e-9)
@@ -691,40 +702,37 @@ def test_series_derivatives_equal_autograd_of_the_series():
 
 
 def test_beta_loops_derivatives_equal_autograd_of_their_values():
-    """beta_bins_terms and beta_first_bin_terms with grad: the bin from two CDFs, the survival
-    side's swap of a and b, the chain to the raw outputs, equal autograd of the same float64
-    expressions without grad, on every kind of bin and on both sides of the mean and of 1/2."""
-    lik, h, x8 = beta_head_features()
-    raw = lik.params(h).detach().reshape(-1, 2).double().requires_grad_()
-    v = x8.squeeze(1).expand(h.shape[:-1]).reshape(-1)
-    loops = [lambda r, **g: vae.beta_first_bin_terms(r, lik.floor, **g)] + [
-        lambda r, at=at, **g: vae.beta_bins_terms(r, v, lik.floor, torch.tensor(at), **g) for at in (False, True)]
+    """_series_first and _series_bins with grad: the bin from two CDFs and the mirror image's swap
+    of a and b equal autograd of the same float64 expressions without grad, on every kind of bin
+    and on both sides of the mean and of 1/2."""
+    a, b, lo, hi = beta_bins_of(*beta_head_features())
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loops = [lambda a, b, **g: D._series_first(a, b, lo, hi, **g)] + [
+        lambda a, b, at=at, **g: D._series_bins(a, b, lo, hi, torch.tensor(at), **g) for at in (False, True)]
     for loop in loops:
-        value = loop(raw)
+        value = loop(a, b)
         ok = value.isfinite()
         assert ok.sum() > 100
-        want, = torch.autograd.grad(value[ok].sum(), raw)
-        got = loop(raw.detach(), grad=True)
+        want = torch.stack(torch.autograd.grad(value[ok].sum(), (a, b)), -1)
+        got = loop(a.detach(), b.detach(), grad=True)
         torch.testing.assert_close(got[0][ok], value.detach()[ok], rtol=0, atol=0)
-        # sigmoid(raw) against softplus's slope of exactly 1 above raw = 20: 2e-9 apart
         torch.testing.assert_close(torch.stack(got[1:], -1)[ok], want[ok], rtol=1e-8, atol=1e-9)
 
 
 def test_beta_derivatives_from_the_loops_equal_central_differences(monkeypatch):
-    """per_pixel(grad=True): its derivatives through the series passes (here shortened, so
-    that bins reach the central differences too) agree with central differences of the exact
-    score on every kind of bin, concentrations from 1e-3 to 1e4."""
+    """_log_bins(grad=True): its derivatives through the series passes (here shortened, so that
+    bins reach the central differences too) agree with central differences of the exact score
+    on every kind of bin, concentrations from 1e-3 to 1e4."""
     eager_grad_loops(monkeypatch, terms=8)
-    lik, h, x8 = beta_head_features()
-    raw = lik.params(h).detach().reshape(-1, 2).double()
-    v = x8.squeeze(1).expand(h.shape[:-1]).reshape(-1)
-    f, deriv = lik.per_pixel(raw, v, grad=True)
-    first = vae._beta_first_grad_fused(raw[v == 0], lik.floor)[0]
-    bins = vae._beta_bins_grad_fused(raw[v != 0], v[v != 0], lik.floor, torch.tensor(False))[0]
+    a, b, lo, hi = beta_bins_of(*beta_head_features())
+    f, deriv = D._log_bins(a, b, lo, hi, grad=True)
+    z = lo == 0
+    first = D._first_grad_fused(a[z], b[z], lo[z], hi[z])[0]
+    bins = D._bins_grad_fused(a[~z], b[~z], lo[~z], hi[~z], torch.tensor(False))[0]
     assert first.isnan().any() and bins.isnan().any() and not first.isnan().all()   # both routes taken
-    want_f, want = vae._BetaBinsGrad.differences(lik.per_pixel, raw, v)
+    want_f, want = D._differences(a, b, lo, hi)
     torch.testing.assert_close(f, want_f, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(f, lik.per_pixel(raw, v), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f, D._log_bins(a, b, lo, hi)[0], rtol=1e-10, atol=1e-10)
     # central differences carry an error of (1e-3)^2 / 6 times the third derivative
     torch.testing.assert_close(deriv, want, rtol=1e-4, atol=1e-5)
 
@@ -736,35 +744,33 @@ PEAKED_CASES = [(2.0, 0.3, 255), (40.0, 60.0, 102), (300.0, 700.0, 77)]     # th
 @pytest.mark.parametrize('a,b,v,route', [(*c, 'series') for c in SERIES_CASES]
                          + [(*c, 'differences') for c in SERIES_CASES + PEAKED_CASES])
 def test_beta_bin_gradient_matches_high_precision_derivatives(monkeypatch, a, b, v, route):
-    """--fit discrete for beta: d log P(v | a, b) / d raw, the raw head outputs (a = softplus(raw)
-    + 0.001), against mpmath's derivative of its regularised incomplete beta in 30 digits: from
-    the derivative loops where their series converge, by central differences of the eager score
-    everywhere (the route a bin the loops miss takes)."""
+    """--fit discrete for beta: d log P(v | a, b) / da and / db through beta_log_interval, against
+    mpmath's derivative of its regularised incomplete beta in 30 digits: from the derivative
+    loops where their series converge, by central differences of the eager score everywhere
+    (the route a bin the loops miss takes)."""
     mpmath = pytest.importorskip('mpmath')
     mpmath.mp.dps = 30
     if route == 'series':
         eager_grad_loops(monkeypatch)
-    lik = lik_of('beta')
-    inv = lambda c: c - lik.floor + math.log(-math.expm1(lik.floor - c))     # noqa: E731 (softplus^-1)
-    raw = torch.tensor([[inv(a), inv(b)]] * 2, requires_grad=True)       # two pixels: a loop takes at least two
-    v8 = torch.tensor([v, v], dtype=torch.uint8)
-    got = vae._BetaBinsGrad.apply(raw, v8, lik.per_pixel)
+    ab = torch.tensor([[a, b]] * 2, dtype=torch.float64, requires_grad=True)    # two pixels: a loop takes at least two
+    lo, hi = vae.bin_edges(torch.tensor([v, v], dtype=torch.uint8))
+    hi = hi.clamp(max=1)
+    got = D.beta_log_interval(ab[:, 0], ab[:, 1], lo, hi)
     got.sum().backward()
-    got = got.detach()[0]
     if route == 'series':       # the loops answered: no central differences in this case
-        loop = (vae._beta_first_grad_fused(raw.detach(), lik.floor) if v == 0 else
-                min((vae._beta_bins_grad_fused(raw.detach(), v8, lik.floor, torch.tensor(h)) for h in (False, True)),
+        args = (ab[:, 0].detach(), ab[:, 1].detach(), lo, hi)
+        loop = (D._first_grad_fused(*args) if v == 0 else
+                min((D._bins_grad_fused(*args, torch.tensor(h)) for h in (False, True)),
                     key=lambda t: int(t[0].isnan().sum())))
         assert not loop[0].isnan().any()
     lo, hi = mpmath.mpf(v) / 256, mpmath.mpf(v + 1) / 256
 
-    def log_p(r0, r1):
-        aa, bb = (mpmath.log1p(mpmath.exp(r)) + lik.floor for r in (r0, r1))
+    def log_p(aa, bb):
         return mpmath.log(mpmath.betainc(aa, bb, lo, hi, regularized=True))
-    r0, r1 = (mpmath.mpf(float(t)) for t in raw.detach()[0])
-    assert float(got) == pytest.approx(float(log_p(r0, r1)), rel=1e-9, abs=1e-9)
-    want = [float(mpmath.diff(lambda t: log_p(t, r1), r0)), float(mpmath.diff(lambda t: log_p(r0, t), r1))]
-    torch.testing.assert_close(raw.grad[0], torch.tensor(want), rtol=1e-5, atol=1e-7)
+    a, b = mpmath.mpf(a), mpmath.mpf(b)
+    assert float(got[0].detach()) == pytest.approx(float(log_p(a, b)), rel=1e-9, abs=1e-9)
+    want = [float(mpmath.diff(lambda t: log_p(t, b), a)), float(mpmath.diff(lambda t: log_p(a, t), b))]
+    torch.testing.assert_close(ab.grad[0], torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-7)
 
 
 def best_masses(lik, v):
@@ -1574,7 +1580,7 @@ class ToyDiscretisedGaussian(vae.Likelihood):
         v = torch.round(x.double() * 255)
         lo = torch.where(v == 0, -math.inf, (v - 0.5) / 255)
         hi = torch.where(v == 255, math.inf, (v + 0.5) / 255)
-        return vae.normal_log_interval(d.loc.double(), d.scale.double(), lo, hi).flatten(-3).sum(-1).float()
+        return D.normal_log_interval(d.loc.double(), d.scale.double(), lo, hi).flatten(-3).sum(-1).float()
 
     def sample(self, h):
         return torch.round(self(h).sample().clamp(0, 1) * 255) / 255
@@ -2052,7 +2058,8 @@ esac
 def makefile_sandbox(tmp_path):
     """The Makefile and the files it depends on, an installed-looking .venv, and ./fakepy."""
     import shutil
-    for f in ['Makefile', 'train.py', 'vae.py', 'plot_latent.py', 'compare_likelihoods.py', 'requirements.txt']:
+    for f in ['Makefile', 'train.py', 'vae.py', 'distributions.py', 'utils.py', 'plot_latent.py', 'compare_likelihoods.py',
+              'requirements.txt']:
         shutil.copy(os.path.join(HERE, f), tmp_path)
     (tmp_path / '.venv').mkdir()
     (tmp_path / '.venv' / '.installed').touch()
