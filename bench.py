@@ -158,7 +158,7 @@ def measure(dist, precision, args):
     utils.keep_freed_memory()             # as train.py
     dtype = vae.PRECISIONS[precision]
     loops = args.loops if dtype is None else [loop for loop in args.loops if loop == 'train.py']
-    model = vae.build({'dist': dist, 'latent_dim': 32, 'bins': 256, 'sigma': 0.1}).to(device)
+    model = vae.build({'dist': dist, 'latent_dim': 32}).to(device)
     lik, kl_weight = model.lik, model.lik.default_kl_weight
     if args.compile:                                      # compiled on the warm-up steps, not timed
         model.forward = torch.compile(model.forward, dynamic=False)  # dynamic shapes fail on randn

@@ -1117,7 +1117,9 @@ BAD_INPUT = {   # case: (flags, what the one line must say)
     'resume without last.pt': (['--resume'], 'last.pt to resume from'),
     'resume and overwrite': (['--resume', '--overwrite'], 'choose one'),
     'fit of a discrete likelihood': (['--dist', 'categorical', '--fit', 'gray'],
-                                     '--fit gray: categorical offers no --fit (only the densities do)'),
+                                     '--fit gray: categorical takes no --fit (an option of cbernoulli, gaussian, '),
+    'option of another likelihood': (['--dist', 'gaussian', '--bins', '16'],
+                                     '--bins 16: gaussian takes no --bins (an option of categorical)'),
     'unknown fit': (['--dist', 'gaussian', '--fit', 'exact'], "invalid choice: 'exact'"),
 }
 
@@ -1570,9 +1572,10 @@ class ToyDiscretisedGaussian(vae.Likelihood):
     channels = 2
     data_name = '8-bit levels'
     clipped = True
+    options = {'std_floor': vae.Option(float, 0.01, 'the least std', range=(1e-4, 1.0), tag='-floor{:g}')}
 
     def dist(self, params):
-        return vae.images(Normal(vae.pixel(params[..., 0]), vae.positive(vae.pixel(params[..., 1]), 0.01),
+        return vae.images(Normal(vae.pixel(params[..., 0]), vae.positive(vae.pixel(params[..., 1]), self.std_floor),
                                  validate_args=False))
 
     def log_prob(self, h, x):
@@ -1601,17 +1604,26 @@ def test_the_compare_estimate_adds_training_and_evaluation_from_the_first_epoch(
 
 
 def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, synthetic_mnist, tmp_path, capsys):
-    """Registered here, the toy trains through train.py and is scored and ranked by
-    compare_likelihoods.py on the 8-bit pixels, with no script knowing its name."""
+    """Registered here, the toy and its option (--std-floor) train through train.py, resume, and
+    are scored and ranked by compare_likelihoods.py on the 8-bit pixels, with no script knowing
+    its name or its option."""
     monkeypatch.setitem(vae.LIKELIHOODS, 'toy', ToyDiscretisedGaussian)
     run = tmp_path / 'toy-z2-s0'
-    train.train(train.parse_args(['--dist', 'toy', '--data-dir', synthetic_mnist, '--out-dir', str(run), '--subset', '256',
-                                  '--epochs', '1', '--latent-dim', '2']))
+    flags = ['--dist', 'toy', '--data-dir', synthetic_mnist, '--out-dir', str(run), '--subset', '256', '--latent-dim', '2',
+             '--std-floor', '0.02']
+    assert '--std-floor' in train.make_parser().format_help()
+    train.train(train.parse_args(flags + ['--epochs', '1']))
     assert (run / 'model.pt').exists() and (run / 'samples.png').exists()
+    with pytest.raises(SystemExit, match='was written with --std-floor 0.02, this run has --std-floor 0.01'):
+        train.train(train.parse_args(flags[:-2] + ['--epochs', '2', '--resume']))
+    train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
+    model, ckpt = vae.load_checkpoint(run / 'model.pt')
+    assert ckpt['args']['std_floor'] == 0.02 and model.lik.std_floor == 0.02 and ckpt['epoch'] >= 1
+    assert len(list(csv.DictReader(open(run / 'metrics.csv')))) == 2
     cmp.main([str(run), '--data-dir', synthetic_mnist, '--out', str(tmp_path / 'res'), '--k', '3', '--n-test', '32',
               '--n-curve', '2'])
     row = next(csv.DictReader(open(tmp_path / 'res' / 'likelihoods.csv')))
-    assert row['dist'] == 'toy' and row['test_data'] == '8-bit levels' and row['scored_on'] == '8-bit pixels (exact)'
+    assert row['dist'] == 'toy-floor0.02' and row['test_data'] == '8-bit levels' and row['scored_on'] == '8-bit pixels (exact)'
     assert 0 < float(row['bits_per_dim']) < 20 and row['bound_bits_per_dim'] == ''
     assert float(row['nll_8bit_nats']) == -float(row['iwae_nats'])
     assert 'toy' in capsys.readouterr().out

@@ -36,6 +36,15 @@ RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'sampl
 # helpers
 
 
+def likelihood_options():
+    """Every option a likelihood declares -> (its Option, the --dist names that take it)."""
+    out = {}
+    for dist, cls in vae.LIKELIHOODS.items():
+        for name, opt in cls.options.items():
+            out.setdefault(name, (opt, []))[1].append(dist)
+    return out
+
+
 def make_parser():
     p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dist', default='bernoulli', choices=list(vae.LIKELIHOODS), help='likelihood p(x|z)')
@@ -54,15 +63,9 @@ def make_parser():
     p.add_argument('--kl-weight', type=number(float, 0, 1e6), default=None,
                    help='weight of the KL in the training loss (default 1; sigma^2/784 for gaussian-fixed '
                         '--fit gray, which makes its MSE-form loss the exact negative ELBO up to scale)')
-    p.add_argument('--sigma', type=number(float, 1e-3, 1e3), default=0.1,
-                   help='gaussian-fixed: the fixed std, beta^(-1/2)')
-    p.add_argument('--bins', type=number(int, 2, 256), default=256, help='categorical: number of levels K')
-    p.add_argument('--mixtures', type=number(int, 1, 64), default=5, help='logistic-mix: components per pixel')
-    p.add_argument('--fit', default=None, choices=list(vae.FITS),
-                   help='a density (' + ', '.join(d for d, c in vae.LIKELIHOODS.items() if 'fit' in c.options)
-                        + "): what it trains on. discrete: the exact mass of each 8-bit bin, what it is scored on "
-                          '(the default); dequantised: (v + u)/256, '
-                          'a lower bound; gray: v/255, common practice (an unbounded density at 0 and 1)')
+    for name, (opt, dists) in likelihood_options().items():        # as the likelihoods declare them
+        p.add_argument('--' + name.replace('_', '-'), type=number(opt.type, *opt.range) if opt.range else opt.type,
+                       choices=opt.choices, default=None, help=f"{', '.join(dists)}: {opt.help} (default {opt.default})")
     p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
                    help='bf16: the conv nets under bf16 autocast in training (likelihoods, KL and every '
                         'reported number stay fp32; evaluation is fp32); auto: bf16 where the device '
@@ -93,12 +96,15 @@ def parse_args(argv=None):
     if args.objective == 'iwae' and (args.kl_weight is not None or args.samples != 1):
         p.error('--kl-weight and --samples shape the ELBO objective; --objective iwae takes --iw-samples K')
     lik = vae.LIKELIHOODS[args.dist]
-    if args.fit is not None and args.fit not in getattr(lik, 'fits', ()):
-        p.error(f"--fit {args.fit}: {args.dist} offers " + (', '.join(lik.fits) if 'fit' in lik.options else
-                                                            'no --fit (only the densities do)'))
-    fit_dir = '' if args.fit is None or args.fit == lik.fits[0] else args.fit    # as the Makefile names it
-    if 'fit' in lik.options:
-        args.fit = args.fit or lik.fits[0]          # recorded as what it resolved to
+    for name, (_, dists) in likelihood_options().items():
+        flag, value, opt = '--' + name.replace('_', '-'), getattr(args, name), lik.options.get(name)
+        if opt is None and value is not None:
+            p.error(f"{flag} {value}: {args.dist} takes no {flag} (an option of {', '.join(dists)})")
+        elif opt is not None and value is None:
+            setattr(args, name, opt.default)             # recorded as what it resolved to
+        elif opt is not None and opt.choices and value not in opt.choices:
+            p.error(f"{flag} {value}: {args.dist} offers {', '.join(opt.choices)}")
+    fit_dir = args.fit if 'fit' in lik.options and args.fit != lik.options['fit'].default else ''   # as the Makefile names it
     if args.out_dir is None:
         group = f'iwae{args.iw_samples}' if args.objective == 'iwae' else ''
         args.out_dir = os.path.join('runs', group, fit_dir, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
@@ -175,15 +181,17 @@ def save_figures(model, test_x, out_dir, title):
 # interrupt and resume
 
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'mixtures', 'val_subset', 'fit')   # absent from an older last.pt
+NEWER_FLAGS = ('objective', 'iw_samples', 'val_subset')   # absent from an older last.pt (likelihood options: their defaults)
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
 
 
 def command(args):
     """The command line that resumes this run: train.py with every flag not at its default."""
     p = make_parser()
+    defaults = {k: p.get_default(k) for k in vars(args)}
+    defaults.update({k: o.default for k, o in vae.LIKELIHOODS[args.dist].options.items()})
     flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-             if k not in ('resume', 'overwrite', 'compare_plan') and v != p.get_default(k)]
+             if k not in ('resume', 'overwrite', 'compare_plan') and v != defaults[k]]
     return ' '.join(['python train.py'] + flags + ['--resume'])
 
 
@@ -236,10 +244,12 @@ def load_last(args):
                  f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: it cannot "
                  f"be continued; start over (train.py --overwrite, or delete {path} for make), or use another --out-dir")
     p = make_parser()
-    older = {**{k: p.get_default(k) for k in NEWER_FLAGS}, **lik.before_options}   # what a run from before them had
+    older = {**{k: p.get_default(k) for k in NEWER_FLAGS}, **{k: o.default for k, o in lik.options.items()},
+             **lik.before_options}                          # what a run from before them had
     saved = {**state['args'], **{k: v for k, v in older.items() if k not in state['args']}}   # its own flags first
+    others = set(likelihood_options()) - set(lik.options)    # other likelihoods' options: not this run's
     for k, v in saved.items():
-        if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v:
+        if k not in RESUME_MAY_CHANGE and k not in others and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')
             sys.exit(f'error: --resume: {path} was written with {flag} {v}, this run has {flag} '
                      f'{getattr(args, k, None)}; resume with the same flags, start over with --overwrite, '

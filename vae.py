@@ -13,6 +13,7 @@ Conventions, stated once for the whole project:
 """
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -168,6 +169,18 @@ class _CategoricalHeadNLL(torch.autograd.Function):
         return gh, gw, gb, None
 
 
+class Option(NamedTuple):
+    """An option of a likelihood, declared on its class: train.py's flag --<name> (its type,
+    default, range or choices and help) and the run-name suffix tag.format(value) it adds when
+    not at its default."""
+    type: type
+    default: object
+    help: str
+    range: tuple = None       # (low, high), both allowed
+    choices: tuple = None
+    tag: str = '-{}'
+
+
 class Likelihood(nn.Module):
     """p(x|z) for one --dist: a per-pixel linear head (decoder features -> unconstrained
     parameters, `channels` per pixel) and `dist`, which applies the constraints and returns
@@ -177,7 +190,8 @@ class Likelihood(nn.Module):
     - log_prob_8bit: its exact log-probability of the 8-bit test image (None: not defined);
     - density: a density on [0, 1] or R, scored by integrating it over each 8-bit bin;
     - scored: it has that score, so validation picks its checkpoint by it (else by its objective);
-    - options: the train.py flags it takes; tag(): the run-name suffix they give;
+    - options: {name: Option}, the train.py flags it takes (attributes of the same names);
+      tag(): the run-name suffix they give;
     - clipped: its means and samples may leave [0, 1] (figures clip them);
     - diagnostics(): extra evaluation numbers, `diagnostic_columns` of likelihoods.csv."""
     channels = 1
@@ -187,17 +201,22 @@ class Likelihood(nn.Module):
     scored = True         # has an exact 8-bit score, which then picks its checkpoint
     clipped = False
     loss_form = None      # the name of its own training loss (Likelihood.loss) where it has one
-    options = ()
+    options = {}
     before_options = {}   # what a checkpoint from before an option existed was trained with
     diagnostic_columns = ()
 
-    def __init__(self, features, **_):
+    def __init__(self, features, **options):
         super().__init__()
+        for name, opt in self.options.items():          # as given, else its default
+            value = opt.default if options.get(name) is None else options[name]
+            if opt.choices and value not in opt.choices:
+                raise ValueError(f"{type(self).__name__} has no {name} {value!r}: it offers {', '.join(opt.choices)}")
+            setattr(self, name, value)
         self.head = nn.Linear(features, self.channels)
 
     def tag(self):
-        """Suffix of the run name for options not at their defaults ('' here)."""
-        return ''
+        """Suffix of the run name: each option not at its default, by its tag."""
+        return ''.join(o.tag.format(getattr(self, n)) for n, o in self.options.items() if getattr(self, n) != o.default)
 
     def data(self, x8, generator=None):
         """uint8 images (B, 1, 28, 28) -> the float images in [0, 1] this likelihood models."""
@@ -272,20 +291,16 @@ class DensityLik(Likelihood):
     the end bins; float64, summed over pixels. --fit chooses what it trains on (FITS): with
     'discrete' its log_prob is that exact score of the levels v/255 it is given."""
     density = True
-    options = ('fit',)
-    fits = tuple(FITS)   # the fits it offers, its default first
+    options = {'fit': Option(str, 'discrete', 'what it trains on. discrete: the exact mass of each 8-bit bin, what '
+                             'it is scored on; dequantised: (v + u)/256, a lower bound; gray: v/255, common practice '
+                             '(an unbounded density at 0 and 1)', choices=tuple(FITS))}
+    fits = options['fit'].choices    # its default first
     before_options = {'fit': 'gray'}
     margin = 0.0      # gray values kept this far inside [0, 1] (a Beta's density is infinite at the ends)
 
-    def __init__(self, features, fit=None, **_):
-        super().__init__(features)
-        fit = fit or self.fits[0]
-        if fit not in self.fits:
-            raise ValueError(f"{type(self).__name__} has no fit {fit!r}: it offers {', '.join(self.fits)}")
-        self.fit, self.data_name = fit, FITS[fit]
-
-    def tag(self):
-        return '' if self.fit == self.fits[0] else f'-{self.fit}'
+    @property
+    def data_name(self):
+        return FITS[self.fit]
 
     def data(self, x8, generator=None):
         if self.fit == 'dequantised':
@@ -400,19 +415,17 @@ class FixedGaussianLik(GaussianLik):
     """Normal with a fixed std sigma; with --fit gray trained in the MSE form (KL weight
     lambda = sigma^2 / 784), otherwise on its normalised density like the others."""
     channels = 1
-    options = ('sigma', 'fit')
+    options = {'sigma': Option(float, 0.1, 'the fixed std, beta^(-1/2)', range=(1e-3, 1e3), tag='-sigma{:g}'),
+               **DensityLik.options}
     mse_form = 'the MSE form with KL weight lambda'
 
-    def __init__(self, features, sigma=0.1, **options):
+    def __init__(self, features, **options):
         super().__init__(features, **options)
-        self.sigma = sigma
+        sigma = self.sigma
         if self.fit == 'gray':
             # lambda = 1/(beta N), beta = 1/sigma^2: the MSE-form loss is then the negative
             # ELBO times 2 sigma^2 / N, minus sigma^2 log(2 pi sigma^2).
             self.loss_form, self.default_kl_weight = self.mse_form, sigma ** 2 / N_PIXELS
-
-    def tag(self):
-        return ('' if self.sigma == 0.1 else f'-sigma{self.sigma:g}') + super().tag()
 
     def training_note(self, iwae):
         if self.fit != 'gray' and not iwae:
@@ -460,17 +473,20 @@ class CategoricalLik(Likelihood):
     """Categorical over K levels: pixel value v in 0..255 falls in bin floor(v K / 256),
     represented in [0, 1] as bin / (K - 1). With K < 256 each bin's mass is spread
     uniformly over its 8-bit values in the 8-bit score."""
-    options = ('bins',)
+    options = {'bins': Option(int, 256, 'number of levels K', range=(2, 256), tag='-K{}')}
 
-    def __init__(self, features, bins=256, **_):
-        self.channels = self.bins = bins
-        super().__init__(features)
-        self.data_name = '8-bit levels' if bins == 256 else f'{bins} bins'
+    def __init__(self, features, **options):
+        super().__init__(features, **options)
         # log of how many 8-bit values each bin holds (not a buffer: checkpoints stay as they are)
-        self.log_bin_size = torch.bincount(torch.arange(256) * bins // 256, minlength=bins).float().log()
+        self.log_bin_size = torch.bincount(torch.arange(256) * self.bins // 256, minlength=self.bins).float().log()
 
-    def tag(self):
-        return '' if self.bins == 256 else f'-K{self.bins}'
+    @property
+    def channels(self):
+        return self.bins
+
+    @property
+    def data_name(self):
+        return '8-bit levels' if self.bins == 256 else f'{self.bins} bins'
 
     def data(self, x8, generator=None):
         return torch.div(x8.long() * self.bins, 256, rounding_mode='floor').float() / (self.bins - 1)
@@ -516,14 +532,11 @@ class LogisticMixLik(Likelihood):
     likelihood, here with independent pixels): M mixture logits, M locations, M scales."""
     scale_floor = 1e-3
     data_name = '8-bit levels'
-    options = ('mixtures',)
+    options = {'mixtures': Option(int, 5, 'components per pixel', range=(1, 64), tag='-m{}')}
 
-    def __init__(self, features, mixtures=5, **_):
-        self.mixtures, self.channels = mixtures, 3 * mixtures
-        super().__init__(features)
-
-    def tag(self):
-        return '' if self.mixtures == 5 else f'-m{self.mixtures}'
+    @property
+    def channels(self):
+        return 3 * self.mixtures
 
     def dist(self, params):
         logits, loc, raw = params.unsqueeze(-4).chunk(3, -1)       # (..., 1, H, W, M) each
