@@ -141,7 +141,7 @@ figures:
 # make bench: images/s of train.py's loop against the compute ceiling, and of the evaluation.
 bench: results/bench.csv
 
-results/bench.csv: bench.py train.py vae.py distributions.py utils.py | $(VENV)/.installed
+results/bench.csv: bench.py train.py vae.py distributions.py rundir.py utils.py | $(VENV)/.installed
 	$(PY) bench.py --data-dir $(DATA) --out $@
 
 test: | $(VENV)/.installed
@@ -172,7 +172,7 @@ run_dist   = $(patsubst %-z$(call run_latent,$1)-s$(call run_seed,$1),%,$1)
 .PRECIOUS: runs/%/model.pt
 # A run with last.pt but no model.pt was interrupted: it is resumed. A model.pt older than the
 # code is trained again from the start (--overwrite: train.py refuses to replace a run otherwise).
-runs/%/model.pt: train.py vae.py distributions.py | $(VENV)/.installed
+runs/%/model.pt: train.py vae.py distributions.py rundir.py | $(VENV)/.installed
 	$(PY) train.py --dist $(call run_dist,$(notdir $*)) --latent-dim $(call run_latent,$(notdir $*)) \
 	  --seed $(call run_seed,$(notdir $*)) --epochs $(EPOCHS) --patience $(PATIENCE) --data-dir $(DATA) --out-dir $(@D) \
 	  $(if $(call run_iw,$*),--objective iwae --iw-samples $(call run_iw,$*)) $(if $(call run_fit,$*),--fit $(call run_fit,$*)) \

@@ -19,6 +19,7 @@ import compare_likelihoods as cmp
 import distributions as D
 from conftest import synthetic_images
 import plot_latent
+import rundir
 import train
 import utils
 import vae
@@ -1461,7 +1462,7 @@ def test_a_run_from_before_the_objective_flags_resumes(tmp_path, synthetic_mnist
     flags = ['--data-dir', synthetic_mnist, '--out-dir', str(out), '--subset', '128', '--batch-size', '64', '--latent-dim', '2']
     train.train(train.parse_args(flags + ['--epochs', '1']))
     state = torch.load(out / 'last.pt', weights_only=True)
-    for k in train.NEWER_FLAGS:
+    for k in rundir.NEWER_FLAGS:
         del state['args'][k]
     del state['best_elbo'], state['selected_by']
     torch.save(state, out / 'last.pt')
@@ -1597,7 +1598,7 @@ def test_the_compare_estimate_adds_training_and_evaluation_from_the_first_epoch(
     said = train.compare_estimate(args, {'seconds': 30.0, 'eval_seconds': 12.0}, 10000)
     assert 'about 6 h 40 min' in said and '8 runs of at most 20 epochs at 30 s' in said and 'bernoulli run' in said
     assert '1 h 20 min' in said and '5 h 20 min' in said                       # training, evaluation
-    assert '--compare-plan' not in train.command(args)                         # not a flag a resume needs
+    assert '--compare-plan' not in rundir.command(args, train.make_parser())                         # not a flag a resume needs
     iw = train.parse_args(['--objective', 'iwae', '--iw-samples', '5', '--epochs', '20', '--compare-plan', '8', '100',
                            '10000', '1000'])    # its validation drew 1 + 5 samples per image: 12 s is 0.2 ms a draw
     assert '5 h 20 min' in train.compare_estimate(iw, {'seconds': 30.0, 'eval_seconds': 72.0}, 10000)
@@ -2070,8 +2071,8 @@ esac
 def makefile_sandbox(tmp_path):
     """The Makefile and the files it depends on, an installed-looking .venv, and ./fakepy."""
     import shutil
-    for f in ['Makefile', 'train.py', 'vae.py', 'distributions.py', 'utils.py', 'plot_latent.py', 'compare_likelihoods.py',
-              'requirements.txt']:
+    for f in ['Makefile', 'train.py', 'vae.py', 'distributions.py', 'rundir.py', 'utils.py', 'plot_latent.py',
+              'compare_likelihoods.py', 'requirements.txt']:
         shutil.copy(os.path.join(HERE, f), tmp_path)
     (tmp_path / '.venv').mkdir()
     (tmp_path / '.venv' / '.installed').touch()

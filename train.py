@@ -17,32 +17,21 @@ if __name__ == '__main__':
 import argparse  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import rundir  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
 METRICS = ['epoch', 'seconds', 'train_loss', 'train_elbo_nats', 'val_elbo_nats', 'val_recon_nats',
            'val_kl_nats', 'val_iwae_nats', 'val_nelbo_8bit_bpd', 'eval_seconds', 'selected_by']
-RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 
 # -----------------------------------------------------------------------------
 # helpers
-
-
-def likelihood_options():
-    """Every option a likelihood declares -> (its Option, the --dist names that take it)."""
-    out = {}
-    for dist, cls in vae.LIKELIHOODS.items():
-        for name, opt in cls.options.items():
-            out.setdefault(name, (opt, []))[1].append(dist)
-    return out
 
 
 def make_parser():
@@ -63,7 +52,7 @@ def make_parser():
     p.add_argument('--kl-weight', type=number(float, 0, 1e6), default=None,
                    help='weight of the KL in the training loss (default 1; sigma^2/784 for gaussian-fixed '
                         '--fit gray, which makes its MSE-form loss the exact negative ELBO up to scale)')
-    for name, (opt, dists) in likelihood_options().items():        # as the likelihoods declare them
+    for name, (opt, dists) in vae.registry_options().items():        # as the likelihoods declare them
         p.add_argument('--' + name.replace('_', '-'), type=number(opt.type, *opt.range) if opt.range else opt.type,
                        choices=opt.choices, default=None, help=f"{', '.join(dists)}: {opt.help} (default {opt.default})")
     p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
@@ -96,7 +85,7 @@ def parse_args(argv=None):
     if args.objective == 'iwae' and (args.kl_weight is not None or args.samples != 1):
         p.error('--kl-weight and --samples shape the ELBO objective; --objective iwae takes --iw-samples K')
     lik = vae.LIKELIHOODS[args.dist]
-    for name, (_, dists) in likelihood_options().items():
+    for name, (_, dists) in vae.registry_options().items():
         flag, value, opt = '--' + name.replace('_', '-'), getattr(args, name), lik.options.get(name)
         if opt is None and value is not None:
             p.error(f"{flag} {value}: {args.dist} takes no {flag} (an option of {', '.join(dists)})")
@@ -178,89 +167,6 @@ def save_figures(model, test_x, out_dir, title):
 
 
 # -----------------------------------------------------------------------------
-# interrupt and resume
-
-LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'val_subset')   # absent from an older last.pt (likelihood options: their defaults)
-RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
-
-
-def command(args):
-    """The command line that resumes this run: train.py with every flag not at its default."""
-    p = make_parser()
-    defaults = {k: p.get_default(k) for k in vars(args)}
-    defaults.update({k: o.default for k, o in vae.LIKELIHOODS[args.dist].options.items()})
-    flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-             if k not in ('resume', 'overwrite', 'compare_plan') and v != defaults[k]]
-    return ' '.join(['python train.py'] + flags + ['--resume'])
-
-
-def rng_states(gen):
-    return {'torch': torch.get_rng_state(), 'generator': gen.get_state(), 'device': gen.device.type,
-            'python': random.getstate(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states, gen, seed, epoch):
-    """Restore rng_states. A generator (or CUDA state) saved on another kind of device cannot be
-    restored here: it is reseeded from (seed, epoch) instead, and the returned note says that
-    the data order and noise from here on differ from an uninterrupted run (else None)."""
-    torch.set_rng_state(states['torch'])
-    random.setstate(states['python'])
-    same = states.get('device', gen.device.type) == gen.device.type
-    if same:
-        try:
-            gen.set_state(states['generator'])
-        except RuntimeError:
-            same = False
-    if not same:
-        gen.manual_seed((seed * 1_000_003 + epoch) % 2 ** 63)
-    if states['cuda'] and torch.cuda.is_available() and len(states['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states['cuda'])
-    elif gen.device.type == 'cuda':          # a CUDA run's noise comes from the CUDA state
-        same = False
-    return None if same else (f"note: last.pt was saved on {states.get('device', 'another device')}, this run is on "
-                              f"{gen.device.type}: the model and optimiser continue exactly, but the data order "
-                              f"and noise from here on differ from an uninterrupted run")
-
-
-def load_last(args):
-    """The training state in <out-dir>/last.pt, checked to come from a run with the same flags."""
-    path = os.path.join(args.out_dir, 'last.pt')
-    if not os.path.isfile(path):
-        sys.exit(f'error: --resume: there is no {path} to resume from (run without --resume to start)')
-    try:
-        state = vae.read_torch_file(path)
-    except ValueError as e:
-        sys.exit(f'error: --resume: {e}')
-    if not isinstance(state, dict) or state.get('format') != LAST_FORMAT:
-        sys.exit(f"error: --resume: {path} was not written by this project's train.py")
-    if args.precision == 'auto':          # continue in the precision the run was started in
-        args.precision = state['args'].get('precision', 'fp32')
-    lik = vae.LIKELIHOODS.get(state['args'].get('dist'), vae.Likelihood)
-    objective, k = state['args'].get('objective', 'elbo'), state['args'].get('iw_samples', 5)
-    rule = selection(lik, objective, k)[0]     # what this version would pick that run's checkpoint by
-    if state.get('selected_by', 'val_iwae_nats' if objective == 'iwae' else 'val_elbo_nats') != rule:
-        sys.exit(f"error: --resume: {path} comes from a version of train.py that kept the epoch with the best "
-                 f"{state.get('selected_by', 'validation objective')}, this one keeps the best {rule}: it cannot "
-                 f"be continued; start over (train.py --overwrite, or delete {path} for make), or use another --out-dir")
-    p = make_parser()
-    older = {**{k: p.get_default(k) for k in NEWER_FLAGS}, **{k: o.default for k, o in lik.options.items()},
-             **lik.before_options}                          # what a run from before them had
-    saved = {**state['args'], **{k: v for k, v in older.items() if k not in state['args']}}   # its own flags first
-    others = set(likelihood_options()) - set(lik.options)    # other likelihoods' options: not this run's
-    for k, v in saved.items():
-        if k not in RESUME_MAY_CHANGE and k not in others and getattr(args, k, None) != v:
-            flag = '--' + k.replace('_', '-')
-            sys.exit(f'error: --resume: {path} was written with {flag} {v}, this run has {flag} '
-                     f'{getattr(args, k, None)}; resume with the same flags, start over with --overwrite, '
-                     f'or use another --out-dir')
-    if args.epochs < state['epoch']:
-        sys.exit(f"error: --resume: {path} is at epoch {state['epoch']}; --epochs {args.epochs} would end "
-                 f"before it (--epochs may only grow)")
-    return state
-
-
-# -----------------------------------------------------------------------------
 # training
 
 
@@ -273,6 +179,10 @@ def selection(lik, objective, iw_samples):
     if objective == 'iwae':
         return 'val_iwae_nats', 1, f'val IWAE-{iw_samples} bound (nats)'
     return 'val_elbo_nats', 1, 'val ELBO (nats)'
+
+
+def selected_by(lik, objective, iw_samples):
+    return selection(lik, objective, iw_samples)[0]
 
 
 def compare_estimate(args, row, n_val):
@@ -351,50 +261,63 @@ def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, des
     return loss_sum / n, elbo_sum / n
 
 
-def existing_run(args, locked=False):
-    """The files of a run (finished or interrupted) already in --out-dir that this run replaces:
-    without --resume there must be none, unless --overwrite says to delete them. Unless this
-    process holds the lock (locked), no other process may be using --out-dir."""
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        sys.exit(f'error: --out-dir {args.out_dir} is a file, not a directory')
-    holder = utils.lock_holder(args.out_dir) if os.path.isdir(args.out_dir) and not locked else ''
-    if holder:
-        sys.exit(f'error: --out-dir {args.out_dir} is in use by {holder}; wait for it to end or use another --out-dir')
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out_dir, f))]
-    if held and not args.resume and not args.overwrite:
-        sys.exit(f"error: --out-dir {args.out_dir} holds a run ({', '.join(held)}): --resume continues it, "
-                 f"--overwrite deletes it and starts over, or choose another --out-dir")
-    return [] if args.resume else held
+def train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, kl_weight, iw, progress):
+    """One epoch of training, then validation: the epoch's row of metrics.csv. A non-finite loss
+    ends the run in one line, last.pt keeping the epoch before."""
+    t0 = time.time()
+    try:
+        train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight, args.samples,
+                                             f'epoch {epoch}/{args.epochs}', vae.PRECISIONS[args.precision], iw)
+    except NonFiniteLoss as e:
+        sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
+                 f"{os.path.join(args.out_dir, 'last.pt')} keeps epoch {progress.done}{progress.best_so_far()}"
+                 '; no model.pt was written')
+    row = {'epoch': epoch, 'train_loss': train_loss, 'train_elbo_nats': train_elbo,
+           **evaluate(model, val_x, val_x8, iw_samples=iw)}
+    row['seconds'] = time.time() - t0
+    return row
+
+
+def epoch_line(row, epochs, iw, improved):
+    return (f"epoch {row['epoch']:3d}/{epochs}  train loss {row['train_loss']:10.3f}  "
+            f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
+            f"KL {row['val_kl_nats']:6.2f})" + (f"  IWAE-{iw} {row['val_iwae_nats']:9.2f}" if iw else '')
+            + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim" if row['val_nelbo_8bit_bpd'] != '' else '')
+            + f"  {row['seconds']:5.1f} s{'  *' if improved else ''}")
+
+
+def finish(model, progress, args, data, device, extra):
+    """The best epoch's weights into the model, its figures and model.pt (args plus extra)."""
+    if progress.best_state is None:
+        sys.exit(f'error: the {progress.said} was never finite; no checkpoint was written')
+    model.load_state_dict(progress.best_state)
+    iw = f', IWAE K = {args.iw_samples}' if args.objective == 'iwae' else ''
+    test_x = vae.eval_data(model.lik, data['test'][0])[:16].to(device)   # as the whole test set is fixed
+    save_figures(model, test_x, args.out_dir, f'{args.dist}, latent dim {args.latent_dim}{iw}')
+    path = os.path.join(args.out_dir, 'model.pt')
+    progress.save_model(path, args, extra)
+    print(f'best {progress.said} {progress.sign * progress.best:.4f} at epoch {progress.best_epoch}; wrote {path}, '
+          f'metrics.csv, reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
 
 
 def train(args):
     """Check everything before writing anything (flags, data, a run already in --out-dir), then
-    fit() while this process holds --out-dir's lock."""
+    fit() while this process owns --out-dir."""
     if args.resume and args.overwrite:
         sys.exit('error: --resume continues the run in --out-dir, --overwrite deletes it: choose one')
     device = utils.pick_device(args.device)
     utils.keep_freed_memory()
-    existing_run(args)                    # refused before anything is loaded or written
+    rundir.existing_run(args)             # refused before anything is loaded or written
     if args.resume:
-        load_last(args)                   # its flags checked early; read again once locked
+        rundir.load_last(args, make_parser(), selected_by)   # its flags checked early; read again once owned
     if args.precision == 'auto':          # recorded as what it resolved to
         args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
     try:
         data = vae.load_mnist(args.data_dir)
     except vae.DataError as e:
         sys.exit(f'error: {e}')
-    utils.writable_dir(args.out_dir, '--out-dir')
-    lock = utils.lock_dir(args.out_dir)   # this process owns --out-dir until train() returns
-    try:
-        old_run = existing_run(args, locked=True)   # again, now that no other process can change it
-        state = load_last(args) if args.resume else None
-        for f in old_run:   # --overwrite, all checks passed; model.pt first, so it never outlives its run
-            os.remove(os.path.join(args.out_dir, f))
-        if old_run:
-            print(f"--overwrite: deleted {', '.join(old_run)} in {args.out_dir}")
+    with rundir.owned(args, make_parser(), selected_by) as state:     # one process per --out-dir
         fit(args, device, data, state)
-    finally:
-        lock.close()
 
 
 def fit(args, device, data, state=None):
@@ -403,122 +326,37 @@ def fit(args, device, data, state=None):
     leave last.pt for --resume."""
     torch.manual_seed(args.seed)
     model = vae.build(vars(args)).to(device)
-    lik = model.lik
-    options = {k: getattr(lik, k) for k in lik.options}    # as resolved, for model.pt (a likelihood keeps its options)
-    kl_weight = lik.default_kl_weight if args.kl_weight is None else args.kl_weight
     iw = args.iw_samples if args.objective == 'iwae' else None
-    if iw:
-        kl_weight = 1.0
-    note = lik.training_note(bool(iw))
-    if note:
-        print(note)
-    select, sign, said = selection(lik, args.objective, args.iw_samples)     # what picks model.pt
+    kl_weight = 1.0 if iw else model.lik.default_kl_weight if args.kl_weight is None else args.kl_weight
+    if model.lik.training_note(bool(iw)):
+        print(model.lik.training_note(bool(iw)))
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x8 = data['val'][0][:args.val_subset].to(device)
-    val_x = vae.eval_data(lik, val_x8)                       # fixed binarisation/noise
-    test_x = vae.eval_data(lik, data['test'][0])[:16].to(device)  # as the whole test set is fixed
+    val_x = vae.eval_data(model.lik, val_x8)                 # fixed binarisation/noise
     gen = torch.Generator(device).manual_seed(args.seed)    # shuffling and data noise
     opt = optimizer(model, args.lr)
-    ckpt_path = os.path.join(args.out_dir, 'model.pt')
-    last_path = os.path.join(args.out_dir, 'last.pt')
-    title = f'{args.dist}, latent dim {args.latent_dim}' + (f', IWAE K = {iw}' if iw else '')
-    n = train_x8.shape[0]
-    rows = []
-    best = best_elbo = -math.inf     # the validation objective of the best epoch, and its ELBO
-    best_epoch = None
-    best_state = None
-    done = 0
-    dtype = vae.PRECISIONS[args.precision]
-
-    def save_last():
-        utils.save_torch({
-            'format': LAST_FORMAT,
-            'args': vars(args),
-            'epoch': done,
-            'state_dict': model.state_dict(),
-            'optimizer': opt.state_dict(),
-            'rng': rng_states(gen),
-            'rows': rows,
-            'selected_by': select,
-            'best': best,
-            'best_elbo': best_elbo,
-            'best_epoch': best_epoch,
-            'best_state': best_state,
-        }, last_path)
-
-    if state is not None:
-        model.load_state_dict(state['state_dict'])
-        opt.load_state_dict(state['optimizer'])
-        rows, best, best_epoch, best_state, done = (state[k] for k in ('rows', 'best', 'best_epoch', 'best_state', 'epoch'))
-        rows = [{**r, 'selected_by': select} for r in rows]     # an older last.pt's rows lack it; the rule is the same
-        best_elbo = state.get('best_elbo') or next((float(r['val_elbo_nats']) for r in rows
-                                                    if r['epoch'] == best_epoch), -math.inf)   # an older last.pt
-        best_state = best_state and {k: v.to(device) for k, v in best_state.items()}
-        note = set_rng_states(state['rng'], gen, args.seed, done)
-        print(f'resuming {last_path} after epoch {done}', flush=True)
-        if note:
-            print(note, flush=True)
-    else:
-        save_last()
-    print(f'training {args.dist} (latent dim {args.latent_dim}) on {n} images, {device}, '
+    progress = rundir.Progress(*selection(model.lik, args.objective, args.iw_samples))
+    last = os.path.join(args.out_dir, 'last.pt')
+    progress.start(state, last, args, model, opt, gen)
+    print(f'training {args.dist} (latent dim {args.latent_dim}) on {train_x8.shape[0]} images, {device}, '
           f'{sum(p.numel() for p in model.parameters()):,} parameters -> {args.out_dir}', flush=True)
-
     try:
-        for epoch in range(done + 1, args.epochs + 1):
-            if args.patience and best_epoch is not None and done - best_epoch >= args.patience:
-                print(f'early stop: no better {said} in the {done - best_epoch} epochs since epoch '
-                      f'{best_epoch} (--patience {args.patience})', flush=True)
+        for epoch in range(progress.done + 1, args.epochs + 1):
+            if progress.stalled(args.patience):
+                print(progress.stalled(args.patience), flush=True)
                 break
-            t0 = time.time()
-            try:
-                train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight,
-                                                     args.samples, f'epoch {epoch}/{args.epochs}', dtype, iw)
-            except NonFiniteLoss as e:
-                sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
-                         f'{last_path} keeps epoch {done}' + (f' (best {said} {sign * best:.4f} at epoch {best_epoch})'
-                                                              if best_state is not None else '')
-                         + '; no model.pt was written')
-            row = {'epoch': epoch, 'train_loss': train_loss, 'train_elbo_nats': train_elbo,
-                   **evaluate(model, val_x, val_x8, iw_samples=iw)}
-            row['seconds'] = time.time() - t0
-            row['selected_by'] = select
-            rows.append({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
-            improved = sign * row[select] > best
-            if improved:
-                best, best_elbo, best_epoch = sign * row[select], row['val_elbo_nats'], epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            done = epoch
-            utils.write_csv(rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
-            save_last()
-            print(f"epoch {epoch:3d}/{args.epochs}  train loss {row['train_loss']:10.3f}  "
-                  f"val ELBO {row['val_elbo_nats']:9.2f} nats (recon {row['val_recon_nats']:9.2f}, "
-                  f"KL {row['val_kl_nats']:6.2f})" + (f"  IWAE-{iw} {row['val_iwae_nats']:9.2f}" if iw else '')
-                  + (f"  8-bit {row['val_nelbo_8bit_bpd']:.4f} bits/dim" if row['val_nelbo_8bit_bpd'] != '' else '')
-                  + f"  {row['seconds']:5.1f} s{'  *' if improved else ''}", flush=True)
+            row = train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, kl_weight, iw, progress)
+            improved = progress.record(row, model)
+            utils.write_csv(progress.rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
+            progress.save_last(last, args, model, opt, gen)
+            print(epoch_line(row, args.epochs, iw, improved), flush=True)
             if args.compare_plan and epoch == 1:
                 print(compare_estimate(args, row, val_x.shape[0]), flush=True)
-
-        if best_state is None:
-            sys.exit(f'error: the {said} was never finite; no checkpoint was written')
-        model.load_state_dict(best_state)
-        save_figures(model, test_x, args.out_dir, title)
-        utils.save_torch({
-            'format': vae.CKPT_FORMAT,
-            'args': {**vars(args), 'kl_weight': kl_weight, 'resume': False, 'overwrite': False,
-                     **options},
-            'state_dict': best_state,
-            'epoch': best_epoch,
-            'epochs_trained': done,
-            'val_elbo_nats': best_elbo,
-            'selected_by': select,
-            'val_selected': sign * best,
-            'torch': str(torch.__version__),
-        }, ckpt_path)
-        print(f'best {said} {sign * best:.4f} at epoch {best_epoch}; wrote {ckpt_path}, metrics.csv, '
-              f'reconstructions.png, samples.png (and last.pt, for --resume --epochs N to continue)')
+        finish(model, progress, args, data, device, {'kl_weight': kl_weight,
+                                                     **{k: getattr(model.lik, k) for k in model.lik.options}})
     except KeyboardInterrupt:          # a second Ctrl-C exits at once (utils.one_line_errors)
-        print(f'\ninterrupted after epoch {done} of {args.epochs}; {last_path} keeps it. Resume with:\n'
-              f'  {command(args)}', file=sys.stderr)
+        print(f'\ninterrupted after epoch {progress.done} of {args.epochs}; {last} keeps it. Resume with:\n'
+              f'  {rundir.command(args, make_parser())}', file=sys.stderr)
         sys.exit(130)
 
 

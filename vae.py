@@ -557,6 +557,15 @@ LIKELIHOODS = {  # --dist name -> likelihood class
 }
 
 
+def registry_options():
+    """Every option a likelihood declares -> (its Option, the --dist names that take it)."""
+    out = {}
+    for dist, cls in LIKELIHOODS.items():
+        for name, opt in cls.options.items():
+            out.setdefault(name, (opt, []))[1].append(dist)
+    return out
+
+
 def make_likelihood(name, features=16, **options):
     """The likelihood --dist names, given the options it takes (others are ignored)."""
     cls = LIKELIHOODS[name]
