@@ -79,11 +79,11 @@ def seconds(fn, device):
     return time.perf_counter() - t0
 
 
-def train_flops(model, opt, x, kl_weight, dtype):
+def train_flops(model, opt, x, targs, dtype):
     """FLOPs of one train_step on the batch x, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        train.train_step(model, opt, x, kl_weight, dtype=dtype)
+        train.train_step(model, opt, x, targs, dtype=dtype)
     return counter.get_total_flops()
 
 
@@ -125,11 +125,11 @@ def reference_batches(lik, loader, gen, device):
         yield lik.data(to_8bit(x).to(device), gen)
 
 
-def reference_epoch(model, opt, loader, kl_weight, gen, device, dtype=None):
+def reference_epoch(model, opt, loader, targs, gen, device, dtype=None):
     """The tutorial-style training epoch, with the same step and logging as train_epoch."""
     model.train()
     for x in reference_batches(model.lik, loader, gen, device):
-        loss, elbo = train.train_step(model, opt, x, kl_weight, dtype=dtype)
+        loss, elbo = train.train_step(model, opt, x, targs, dtype=dtype)
         loss.item(), elbo.sum().item()
 
 
@@ -159,7 +159,8 @@ def measure(dist, precision, args):
     dtype = vae.PRECISIONS[precision]
     loops = args.loops if dtype is None else [loop for loop in args.loops if loop == 'train.py']
     model = vae.build({'dist': dist, 'latent_dim': 32}).to(device)
-    lik, kl_weight = model.lik, model.lik.default_kl_weight
+    lik = model.lik
+    targs = train.parse_args(['--dist', dist, '--batch-size', str(args.batch_size)])   # train.py's defaults
     if args.compile:                                      # compiled on the warm-up steps, not timed
         model.forward = torch.compile(model.forward, dynamic=False)  # dynamic shapes fail on randn
     opt = train.optimizer(model, 1e-3)
@@ -170,18 +171,18 @@ def measure(dist, precision, args):
     test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
     loader, test_loader = ((reference_loader(args.data_dir, True, args.batch_size, n),
                             reference_loader(args.data_dir, False)) if 'reference' in loops else (None, None))
-    epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight, dtype=dtype),
-             'reference': lambda: reference_epoch(model, opt, loader, kl_weight, gen, device, dtype)}
+    epoch = {'train.py': lambda: train.train_epoch(model, opt, train_x8, gen, targs, dtype=dtype),
+             'reference': lambda: reference_epoch(model, opt, loader, targs, gen, device, dtype)}
     pipeline = {'train.py': lambda: sum(1 for _ in train.batches(lik, train_x8, gen, args.batch_size)),
                 'reference': lambda: sum(1 for _ in reference_batches(lik, loader, gen, device))}
     evaluate = {'train.py': lambda: vae.importance_log_px(model, test_x, args.k),
                 'reference': lambda: reference_eval(model, test_loader, args.eval_n, args.k)}
 
     x = lik.data(train_x8[:args.batch_size], gen)         # one batch, already in memory
-    step = lambda: seconds(lambda: [train.train_step(model, opt, x, kl_weight, dtype=dtype)  # noqa
+    step = lambda: seconds(lambda: [train.train_step(model, opt, x, targs, dtype=dtype)  # noqa
                                     for _ in range(args.steps)], device)
     step()                                                # warm-up (and compilation, with --compile)
-    flop_img = train_flops(model, opt, x, kl_weight, dtype) / x.shape[0]
+    flop_img = train_flops(model, opt, x, targs, dtype) / x.shape[0]
     peak = gemm_peak(device, dtype)
     ceiling_s, ratios = [step()], {loop: [] for loop in loops}
     epoch_s, eval_s = ({loop: [] for loop in loops} for _ in range(2))

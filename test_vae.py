@@ -1425,7 +1425,7 @@ def test_an_iwae_step_reaches_the_encoder_and_reports_the_elbo():
     x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)     # lr 0: the weights stay, the gradients remain
     torch.manual_seed(5)
-    loss, elbo = train.train_step(model, opt, x, 1.0, iw_samples=5)
+    loss, elbo = train.train_step(model, opt, x, train.parse_args(['--objective', 'iwae', '--iw-samples', '5']))
     grads = [p.grad for p in model.encoder.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     torch.manual_seed(5)                                  # the same draws: the loss is the bound, the ELBO the ELBO
@@ -1628,6 +1628,33 @@ def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, syn
     assert 0 < float(row['bits_per_dim']) < 20 and row['bound_bits_per_dim'] == ''
     assert float(row['nll_8bit_nats']) == -float(row['iwae_nats'])
     assert 'toy' in capsys.readouterr().out
+
+
+def half_kl_objective(model, x, args, dtype=None):
+    """A third objective defined in this file alone: the negative ELBO with its KL halved."""
+    log_px, kl, h = vae.elbo_terms(model, x, args.samples, dtype=dtype)
+    return -(log_px - kl / 2), log_px - kl
+
+
+def test_a_new_objective_needs_one_function_and_one_registry_line(monkeypatch, synthetic_mnist, tmp_path):
+    """Registered here, the toy objective trains through train.py, resumes, and is compared
+    under its own name, with no script knowing it."""
+    monkeypatch.setitem(vae.OBJECTIVES, 'halfkl', half_kl_objective)
+    flags = ['--dist', 'gaussian', '--data-dir', synthetic_mnist, '--subset', '256', '--latent-dim', '2',
+             '--objective', 'halfkl']
+    args = train.parse_args(flags + ['--epochs', '1'])
+    run = tmp_path / 'run'
+    assert args.out_dir == os.path.join('runs', 'halfkl', 'gaussian-z2-s0')     # its runs apart from the ELBO's
+    train.train(train.parse_args(flags + ['--epochs', '1', '--out-dir', str(run)]))
+    with pytest.raises(SystemExit, match='was written with --objective halfkl, this run has --objective elbo'):
+        train.train(train.parse_args(flags[:-2] + ['--epochs', '2', '--out-dir', str(run), '--resume']))
+    train.train(train.parse_args(flags + ['--epochs', '2', '--out-dir', str(run), '--resume']))
+    rows = list(csv.DictReader(open(run / 'metrics.csv')))
+    assert len(rows) == 2 and float(rows[0]['train_loss']) < -float(rows[0]['train_elbo_nats'])   # the halved KL
+    cmp.main([str(run), '--data-dir', synthetic_mnist, '--out', str(tmp_path / 'res'), '--k', '3', '--n-test', '32',
+              '--n-curve', '2'])
+    row = next(csv.DictReader(open(tmp_path / 'res' / 'likelihoods.csv')))
+    assert row['dist'] == 'gaussian-halfkl' and 0 < float(row['bits_per_dim']) < 20
 
 
 def test_mean_ci_over_seeds():

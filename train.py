@@ -43,7 +43,7 @@ def make_parser():
                    help='stop when the validation objective has not improved for this many epochs (0: never)')
     p.add_argument('--batch-size', type=number(int, 1, 50000), default=256)
     p.add_argument('--lr', type=number(float, 0, 1, low_open=True), default=1e-3)
-    p.add_argument('--objective', default='elbo', choices=['elbo', 'iwae'],
+    p.add_argument('--objective', default='elbo', choices=list(vae.OBJECTIVES),
                    help='training loss: the negative ELBO, or the negative K-sample importance-weighted '
                         'bound (IWAE, Burda et al. 2016; tighter, K decoder passes per image)')
     p.add_argument('--iw-samples', type=number(int, 1, 1000), default=5, help='K for --objective iwae')
@@ -95,7 +95,7 @@ def parse_args(argv=None):
             p.error(f"{flag} {value}: {args.dist} offers {', '.join(opt.choices)}")
     fit_dir = args.fit if 'fit' in lik.options and args.fit != lik.options['fit'].default else ''   # as the Makefile names it
     if args.out_dir is None:
-        group = f'iwae{args.iw_samples}' if args.objective == 'iwae' else ''
+        group = vae.objective_tag(vars(args))[1:]          # iwae<K>/ or <objective>/ (none for the ELBO)
         args.out_dir = os.path.join('runs', group, fit_dir, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
     return args
 
@@ -214,23 +214,18 @@ class NonFiniteLoss(FloatingPointError):
     batch = '?'
 
 
-def train_step(model, opt, x, kl_weight, samples=1, dtype=None, iw_samples=None):
+def train_step(model, opt, x, args, dtype=None):
     """One optimiser step on the batch x (B, 1, 28, 28): forward (the networks under autocast
-    to dtype, if given), the training loss (the likelihood's negative ELBO, KL weighted; or
-    with iw_samples K the negative K-sample bound), backward, Adam. Returns the mean loss and
-    the per-image ELBO (B,)."""
-    if iw_samples:
-        bound, log_px, kl = vae.iwae_terms(model, x, iw_samples, dtype=dtype)
-        loss = -bound.mean()
-    else:
-        log_px, kl, h = vae.elbo_terms(model, x, samples, dtype=dtype)
-        loss = model.lik.loss(h, x, log_px, kl, kl_weight).mean()
+    to dtype, if given), the loss of --objective (vae.OBJECTIVES) averaged over the batch,
+    backward, Adam. Returns the mean loss and the per-image ELBO (B,)."""
+    loss, elbo = vae.OBJECTIVES[args.objective](model, x, args, dtype)
+    loss = loss.mean()
     if not torch.isfinite(loss):
         raise NonFiniteLoss(loss.item())
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), (log_px - kl).detach()
+    return loss.detach(), elbo.detach()
 
 
 def batches(lik, x8, gen, batch_size):
@@ -241,17 +236,17 @@ def batches(lik, x8, gen, batch_size):
         yield lik.data(x8[idx], gen)
 
 
-def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, desc=None, dtype=None,
-                iw_samples=None):
-    """One pass over the training images (see batches). Returns the mean loss and ELBO per image."""
+def train_epoch(model, opt, train_x8, gen, args, desc=None, dtype=None):
+    """One pass over the training images in batches of --batch-size (see batches). Returns the
+    mean loss and ELBO per image."""
     model.train()
     n, loss_sum, elbo_sum = train_x8.shape[0], 0.0, 0.0
-    n_batches = math.ceil(n / batch_size)
-    bar = tqdm(batches(model.lik, train_x8, gen, batch_size), desc=desc, total=n_batches,
+    n_batches = math.ceil(n / args.batch_size)
+    bar = tqdm(batches(model.lik, train_x8, gen, args.batch_size), desc=desc, total=n_batches,
                leave=False, disable=None, mininterval=1)
     for i, x in enumerate(bar, 1):
         try:
-            loss, elbo = train_step(model, opt, x, kl_weight, samples, dtype, iw_samples)
+            loss, elbo = train_step(model, opt, x, args, dtype)
         except NonFiniteLoss as e:
             e.batch = f'{i}/{n_batches}'
             raise
@@ -261,13 +256,13 @@ def train_epoch(model, opt, train_x8, gen, batch_size, kl_weight, samples=1, des
     return loss_sum / n, elbo_sum / n
 
 
-def train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, kl_weight, iw, progress):
+def train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, iw, progress):
     """One epoch of training, then validation: the epoch's row of metrics.csv. A non-finite loss
     ends the run in one line, last.pt keeping the epoch before."""
     t0 = time.time()
     try:
-        train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args.batch_size, kl_weight, args.samples,
-                                             f'epoch {epoch}/{args.epochs}', vae.PRECISIONS[args.precision], iw)
+        train_loss, train_elbo = train_epoch(model, opt, train_x8, gen, args, f'epoch {epoch}/{args.epochs}',
+                                             vae.PRECISIONS[args.precision])
     except NonFiniteLoss as e:
         sys.exit(f'error: non-finite training loss ({e.args[0]}) at epoch {epoch}, batch {e.batch}; '
                  f"{os.path.join(args.out_dir, 'last.pt')} keeps epoch {progress.done}{progress.best_so_far()}"
@@ -345,7 +340,7 @@ def fit(args, device, data, state=None):
             if progress.stalled(args.patience):
                 print(progress.stalled(args.patience), flush=True)
                 break
-            row = train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, kl_weight, iw, progress)
+            row = train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, iw, progress)
             improved = progress.record(row, model)
             utils.write_csv(progress.rows, os.path.join(args.out_dir, 'metrics.csv'), METRICS)
             progress.save_last(last, args, model, opt, gen)

@@ -718,6 +718,25 @@ def iwae_terms(model, x, k, generator=None, dtype=None):
     return bound, log_px.mean(0), kl_normal(mu, logvar)
 
 
+def elbo_objective(model, x, args, dtype=None):
+    """--objective elbo: the negative ELBO in the likelihood's own loss form (gaussian-fixed's MSE
+    form under --fit gray), the KL weighted by --kl-weight (default the likelihood's), over
+    L = --samples draws of z. -> (loss (B,), ELBO (B,))."""
+    log_px, kl, h = elbo_terms(model, x, args.samples, dtype=dtype)
+    weight = model.lik.default_kl_weight if args.kl_weight is None else args.kl_weight
+    return model.lik.loss(h, x, log_px, kl, weight), log_px - kl
+
+
+def iwae_objective(model, x, args, dtype=None):
+    """--objective iwae: the negative K-sample bound (K = --iw-samples) on the likelihood's
+    normalised log-probability. -> (loss (B,), the ELBO of the same draws (B,))."""
+    bound, log_px, kl = iwae_terms(model, x, args.iw_samples, dtype=dtype)
+    return -bound, log_px - kl
+
+
+OBJECTIVES = {'elbo': elbo_objective, 'iwae': iwae_objective}   # --objective name -> its loss
+
+
 # -----------------------------------------------------------------------------
 # estimators of log p(x): importance sampling with the encoder as proposal
 
@@ -783,8 +802,13 @@ def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
 def model_name(args, lik):
     """The likelihood, its options not at their defaults and the objective if not the ELBO,
     from a checkpoint's training arguments: 'categorical-K64', 'bernoulli-iwae5'."""
-    iwae = f"-iwae{args['iw_samples']}" if args.get('objective') == 'iwae' else ''
-    return args['dist'] + lik.tag() + iwae
+    return args['dist'] + lik.tag() + objective_tag(args)
+
+
+def objective_tag(args):
+    """'' for the ELBO, '-iwae<K>' or '-<objective>' otherwise (a suffix of run names)."""
+    objective = args.get('objective', 'elbo')
+    return '' if objective == 'elbo' else f"-iwae{args['iw_samples']}" if objective == 'iwae' else f'-{objective}'
 
 
 def build(args):
