@@ -2,6 +2,7 @@
 reference (float64, quadrature, mpmath, scipy) in test_vae.py:
 - ContinuousBernoulli: exact at any logit (torch's clamps its probability first);
 - DiscretizedLogistic: PixelCNN++'s likelihood of 8-bit levels (torch has none);
+- CategoricalHeadNLL: a linear head's softmax NLL that never holds a batch's (M, 256) logits;
 - the interval masses log P(lo <= X < hi) behind the exact 8-bit scores of the densities:
   normal_log_interval and beta_log_interval (torch has no incomplete beta function, nor its
   derivatives in a and b); log_sub_exp, the difference they are made of.
@@ -143,6 +144,46 @@ class DiscretizedLogistic(Distribution):
             u = u.clamp(1e-6, 1 - 1e-6)
             x = self.loc.expand(shape) + self.scale.expand(shape) * (u.log() - (-u).log1p())
             return (x * 255).round().clamp(0, 255) / 255
+
+
+class CategoricalHeadNLL(torch.autograd.Function):
+    """-log softmax(h W^T + b)[target] for rows of per-pixel features h (M, F), in chunks:
+    never holds the (M, K) logits of a whole batch, which a 256-way categorical would spend
+    most of its step writing and reading. The backward recomputes each chunk's logits:
+    d nll / d logits = softmax - onehot. The matmuls run in h's dtype (bf16 under
+    --precision bf16), the softmax, the NLL and the weights' gradients in fp32."""
+    chunk = 4096
+
+    @staticmethod
+    def logits(h, w, bias):   # (chunk, K) in the weights' dtype; w: the weights in h's dtype
+        return torch.addmm(bias, h, w.t()) if h.dtype == bias.dtype else (h @ w.t()).to(bias.dtype) + bias
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target):
+        nll = weight.new_empty(h.shape[0])
+        w = weight.to(h.dtype)
+        for s in range(0, h.shape[0], CategoricalHeadNLL.chunk):
+            sl = slice(s, s + CategoricalHeadNLL.chunk)
+            logp = torch.log_softmax(CategoricalHeadNLL.logits(h[sl], w, bias), -1)
+            nll[sl] = -logp.gather(-1, target[sl, None]).squeeze(-1)
+        ctx.save_for_backward(h, weight, bias, target)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, target = ctx.saved_tensors
+        gh, gw, gb = torch.empty_like(h), torch.zeros_like(weight), torch.zeros_like(bias)
+        w = weight.to(h.dtype)
+        for s in range(0, h.shape[0], CategoricalHeadNLL.chunk):
+            sl = slice(s, s + CategoricalHeadNLL.chunk)
+            p = torch.softmax(CategoricalHeadNLL.logits(h[sl], w, bias), -1)
+            p.scatter_add_(-1, target[sl, None], p.new_full((p.shape[0], 1), -1.0))
+            p.mul_(grad[sl, None])
+            ph = p.to(h.dtype)
+            gh[sl] = ph @ w
+            gw += (ph.t() @ h[sl]).to(gw.dtype)
+            gb += p.sum(0)
+        return gh, gw, gb, None
 
 
 def normal_log_interval(loc, scale, lo, hi):

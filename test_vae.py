@@ -204,21 +204,21 @@ def test_gaussian_densities_integrate_to_one(dist):
 
 
 def test_fused_categorical_head_matches_linear_cross_entropy(monkeypatch):
-    monkeypatch.setattr(vae._CategoricalHeadNLL, 'chunk', 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(D.CategoricalHeadNLL, 'chunk', 7)  # several chunks, a ragged last one
     torch.manual_seed(0)
     h = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(9, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 9, (30,))
     g = torch.randn(30, dtype=torch.float64)
-    got = vae._CategoricalHeadNLL.apply(h, w, b, t)
+    got = D.CategoricalHeadNLL.apply(h, w, b, t)
     grads = torch.autograd.grad(got, (h, w, b), g)
     want = F.cross_entropy(F.linear(h, w, b), t, reduction='none')
     want_grads = torch.autograd.grad(want, (h, w, b), g)
     torch.testing.assert_close(got, want)
     for a, e in zip(grads, want_grads):
         torch.testing.assert_close(a, e)
-    assert torch.autograd.gradcheck(lambda *a: vae._CategoricalHeadNLL.apply(*a, t), (h, w, b))
+    assert torch.autograd.gradcheck(lambda *a: D.CategoricalHeadNLL.apply(*a, t), (h, w, b))
 
 
 def test_fused_categorical_head_in_bf16_matches_fp32_within_bf16_rounding():
@@ -232,7 +232,7 @@ def test_fused_categorical_head_in_bf16_matches_fp32_within_bf16_rounding():
     for dtype in (torch.float32, torch.bfloat16):
         hh = h.to(dtype).requires_grad_()
         ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
-        nll = vae._CategoricalHeadNLL.apply(hh, ww, bb, t)
+        nll = D.CategoricalHeadNLL.apply(hh, ww, bb, t)
         assert nll.dtype == torch.float32
         out[dtype] = (nll, *torch.autograd.grad(nll.sum(), (hh, ww, bb)))
     assert [t.dtype for t in out[torch.bfloat16]] == [torch.float32, torch.bfloat16, torch.float32, torch.float32]

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Beta, Categorical, Independent, MixtureSameFamily, Normal
 
-from distributions import ContinuousBernoulli, DiscretizedLogistic, beta_log_interval, normal_log_interval
+from distributions import (CategoricalHeadNLL, ContinuousBernoulli, DiscretizedLogistic, beta_log_interval,
+                           normal_log_interval)
 
 N_PIXELS = 784
 LOG256 = math.log(256)
@@ -127,46 +128,6 @@ def images(base):
 def pixel(p):
     """One parameter channel (..., H, W) -> (..., 1, H, W), the layout of the images."""
     return p.unsqueeze(-3)
-
-
-class _CategoricalHeadNLL(torch.autograd.Function):
-    """-log softmax(h W^T + b)[target] for rows of per-pixel features h (M, F), in chunks:
-    never holds the (M, K) logits of a whole batch, which a 256-way categorical would spend
-    most of its step writing and reading. The backward recomputes each chunk's logits:
-    d nll / d logits = softmax - onehot. The matmuls run in h's dtype (bf16 under
-    --precision bf16), the softmax, the NLL and the weights' gradients in fp32."""
-    chunk = 4096
-
-    @staticmethod
-    def logits(h, w, bias):   # (chunk, K) in the weights' dtype; w: the weights in h's dtype
-        return torch.addmm(bias, h, w.t()) if h.dtype == bias.dtype else (h @ w.t()).to(bias.dtype) + bias
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, target):
-        nll = weight.new_empty(h.shape[0])
-        w = weight.to(h.dtype)
-        for s in range(0, h.shape[0], _CategoricalHeadNLL.chunk):
-            sl = slice(s, s + _CategoricalHeadNLL.chunk)
-            logp = torch.log_softmax(_CategoricalHeadNLL.logits(h[sl], w, bias), -1)
-            nll[sl] = -logp.gather(-1, target[sl, None]).squeeze(-1)
-        ctx.save_for_backward(h, weight, bias, target)
-        return nll
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight, bias, target = ctx.saved_tensors
-        gh, gw, gb = torch.empty_like(h), torch.zeros_like(weight), torch.zeros_like(bias)
-        w = weight.to(h.dtype)
-        for s in range(0, h.shape[0], _CategoricalHeadNLL.chunk):
-            sl = slice(s, s + _CategoricalHeadNLL.chunk)
-            p = torch.softmax(_CategoricalHeadNLL.logits(h[sl], w, bias), -1)
-            p.scatter_add_(-1, target[sl, None], p.new_full((p.shape[0], 1), -1.0))
-            p.mul_(grad[sl, None])
-            ph = p.to(h.dtype)
-            gh[sl] = ph @ w
-            gw += (ph.t() @ h[sl]).to(gw.dtype)
-            gb += p.sum(0)
-        return gh, gw, gb, None
 
 
 class Option(NamedTuple):
@@ -497,7 +458,7 @@ class CategoricalLik(Likelihood):
     def log_prob(self, h, x):
         """Equals self(h).log_prob(bin index), through the fused head + normaliser."""
         target = torch.round(x * (self.bins - 1)).long().squeeze(-3).expand(h.shape[:-1])
-        nll = _CategoricalHeadNLL.apply(h.reshape(-1, h.shape[-1]), self.head.weight,
+        nll = CategoricalHeadNLL.apply(h.reshape(-1, h.shape[-1]), self.head.weight,
                                         self.head.bias, target.reshape(-1))
         return -nll.view(h.shape[:-3] + (-1,)).sum(-1)  # (...,) nats per image
 
