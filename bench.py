@@ -266,10 +266,7 @@ def main(argv=None):
         if 'bf16' not in args.precisions:
             print(f'bench: bf16 skipped: {device.type} has no bf16 in hardware (emulated, it is slower than fp32); '
                   f'--precisions bf16 measures it anyway', flush=True)
-    try:
-        vae.load_mnist(args.data_dir)
-    except vae.DataError as e:
-        raise SystemExit(f'error: {e}')
+    utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)
     utils.writable_dir(os.path.dirname(args.out) or '.', '--out', [os.path.basename(args.out)])
     rows = []
     for dist in args.dists:

@@ -81,10 +81,7 @@ def check_runs(runs, device):
             sys.exit(f'error: {run} is being trained by {holder}; compare it when that has finished')
         if not os.path.isfile(os.path.join(run, 'model.pt')):
             sys.exit(f'error: {run} has no model.pt (train it first: make compare trains every run)')
-        try:
-            model, ckpt = vae.load_checkpoint(os.path.join(run, 'model.pt'), device)
-        except ValueError as e:
-            sys.exit(f'error: {e}')
+        model, ckpt = utils.or_exit(vae.load_checkpoint, os.path.join(run, 'model.pt'), device)
         a = ckpt['args']
         key = (vae.model_name(a, model.lik), a['latent_dim'], a['seed'])
         if key in models:
@@ -198,9 +195,7 @@ def bayes_factors(rows, logp8):
 
 
 def plot_results(rows, summary, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     eight = sorted((s for s in summary if s['bits_per_dim_mean'] is not None), key=lambda s: s['bits_per_dim_mean'])
     binar = [s for s in summary if s['bits_per_dim_mean'] is None]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [4, 1]})
@@ -248,9 +243,7 @@ def plot_results(rows, summary, path):
 def plot_learning_curves(curves, path):
     """learning_curves.png: per run, the validation curve on one axis per data set (8-bit pixels
     in bits/dim; binarised digits in nats), a ring at the epoch whose checkpoint was scored."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     eight = [c for c in curves if c['eight']]
     other = [c for c in curves if not c['eight']]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [3, 2]})
@@ -288,9 +281,7 @@ def plot_learning_curves(curves, path):
 def plot_rows(models, test_x8, out_dir):
     """samples.png and reconstructions.png: one row per likelihood, decoder means next to
     true samples of p(x|z) (prior draws z ~ N(0, I); reconstructions at z = mu(x))."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     for name, recon in [('samples.png', False), ('reconstructions.png', True)]:
         n = len(models) + recon
         fig, axes = plt.subplots(n, 2, figsize=(10, 0.75 * n + 0.6), squeeze=False)
@@ -380,10 +371,7 @@ def main(argv=None):
     t0 = time.time()
     device = utils.pick_device(args.device)
     runs = check_runs(args.runs, device)
-    try:
-        test_x8 = vae.load_mnist(args.data_dir)['test'][0]
-    except vae.DataError as e:
-        sys.exit(f'error: {e}')
+    test_x8 = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)['test'][0]
     utils.writable_dir(args.out, '--out', OUTPUTS)
     info = {'torch': str(torch.__version__), 'git_commit': git_commit(),
             'device': f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else

@@ -28,7 +28,6 @@ if __name__ == '__main__':
 import argparse  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 
 import torch  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
@@ -124,7 +123,7 @@ def nll_line(model, x8, k):
 
 def scatter(ax, points, labels, title):
     """One scatter per digit, so the legend names them; coordinates exactly `points`."""
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     cmap = plt.get_cmap('tab10')
     for digit in range(10):
         p = points[labels == digit]
@@ -135,7 +134,7 @@ def scatter(ax, points, labels, title):
 
 
 def latent_figure(points, labels, title, names):
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(7, 6.4))
     scatter(ax, points, labels, title)
     def label(name, i):        # what the coordinate is: z_i = mu_i(x), a PC of mu(x), or the digit
@@ -151,7 +150,7 @@ def latent_figure(points, labels, title, names):
 def manifold_figure(model, basis, n, title, names):
     """n x n decoder means over the prior's quantiles along the two basis directions, or one
     row of n along a single direction (a 1-D latent)."""
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     dev = next(model.parameters()).device
     q = prior_quantiles(n)
     rows = n if basis.shape[1] == 2 else 1
@@ -175,7 +174,7 @@ def manifold_figure(model, basis, n, title, names):
 
 def all_figure(panels, labels, n):
     """Every model's latent means of the same test digits, side by side, with kNN accuracy."""
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 0.6), squeeze=False)
@@ -222,20 +221,12 @@ def parse_args(argv=None):
 def main(argv=None):
     """Returns {path: figure} of what it wrote."""
     args = parse_args(argv)
-    import matplotlib
-    matplotlib.use('Agg')
     device = utils.pick_device(args.device)
     models = []
     for path in args.ckpt:
         path = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
-        try:
-            models.append(vae.load_checkpoint(path, device))
-        except ValueError as e:
-            sys.exit(f'error: {e}')
-    try:
-        x8, labels = vae.load_mnist(args.data_dir)['test']
-    except vae.DataError as e:
-        sys.exit(f'error: {e}')
+        models.append(utils.or_exit(vae.load_checkpoint, path, device))
+    x8, labels = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)['test']
     labels = labels[:args.n]
     if args.all:      # checked (and made) only once the inputs are known to be good
         utils.writable_dir(os.path.dirname(args.all) or '.', '--all', [os.path.basename(args.all)])

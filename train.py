@@ -137,9 +137,7 @@ def evaluate(model, x, x8, batch_size=250, iw_samples=None):
 def save_figures(model, test_x, out_dir, title):
     """reconstructions.png: test digits, the decoder mean and a sample of p(x|z) at z = mu(x);
     samples.png: 64 draws z ~ N(0, I), decoder means next to samples of p(x|z)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     model.eval()
     lik, gen = model.lik, torch.Generator(test_x.device).manual_seed(vae.EVAL_SEED)
     torch.manual_seed(vae.EVAL_SEED)  # the samples of p(x|z) below use the global RNG
@@ -307,10 +305,7 @@ def train(args):
         rundir.load_last(args, make_parser(), selected_by)   # its flags checked early; read again once owned
     if args.precision == 'auto':          # recorded as what it resolved to
         args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
-    try:
-        data = vae.load_mnist(args.data_dir)
-    except vae.DataError as e:
-        sys.exit(f'error: {e}')
+    data = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)
     with rundir.owned(args, make_parser(), selected_by) as state:     # one process per --out-dir
         fit(args, device, data, state)
 

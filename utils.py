@@ -187,6 +187,22 @@ def save_torch(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures go to files, no display needed."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def or_exit(load, *args, errors=(ValueError,), prefix=''):
+    """load(*args), or a one-line exit 'error: <prefix><the error>' on one of `errors`."""
+    try:
+        return load(*args)
+    except errors as e:
+        sys.exit(f'error: {prefix}{e}')
+
+
 def save_png(fig, path, **kw):
     """fig as a PNG at path (atomically); closes fig."""
     import matplotlib.pyplot as plt
