@@ -2,6 +2,7 @@
 synthetic uint8 images (numerics, shapes, every likelihood's contract, the command lines);
 `make test` runs all, the slow ones on real MNIST from $MNIST_DATA (end-to-end runs, resume,
 signals, the Makefile, the bench, torch.compile)."""
+import csv
 import os
 
 import pytest
@@ -80,3 +81,67 @@ def synthetic_mnist(monkeypatch, tmp_path):
     data = tmp_path / 'synthetic'
     data.mkdir()
     return str(data)
+
+
+# -----------------------------------------------------------------------------
+# helpers both test files use
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def lik_of(dist, **opts):
+    torch.manual_seed(0)
+    return vae.make_likelihood(dist, **opts)
+
+
+def random_x8(*shape, seed=0):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def beta_head_features(n=6, seed=0):
+    """Decoder features for the beta head below: concentrations from 1e-3 to 1e4 and every
+    8-bit value, a quarter of the pixels at 0 as in MNIST's background, so that every compiled
+    pass and the eager fallback are taken."""
+    g = torch.Generator().manual_seed(seed)
+    lik = lik_of('beta')
+    with torch.no_grad():
+        lik.head.weight.copy_(torch.randn(2, vae.VAE.features, generator=g) * 3)
+    x8 = random_x8(n, 1, 28, 28, seed=seed)
+    x8[torch.rand(x8.shape, generator=g) < 0.25] = 0
+    return lik, torch.randn(2, n, 28, 28, vae.VAE.features, generator=g), x8
+
+
+def beta_bins_of(lik, h, x8):
+    """Flat float64 a, b, lo, hi (N,): the Beta and the bin of every pixel, as BetaLik scores them."""
+    params = lik.params(h).detach().double()                                        # (2, n, 28, 28, 2)
+    a, b = (vae.positive(vae.pixel(params[..., j]), lik.floor) for j in (0, 1))   # (2, n, 1, 28, 28)
+    lo, hi = vae.bin_edges(x8)
+    return tuple(t.reshape(-1) for t in torch.broadcast_tensors(a, b, lo, hi.clamp(max=1)))
+
+
+def metric_values(run):
+    """metrics.csv as written, without the wall-time columns."""
+    return [{k: v for k, v in r.items() if k not in ('seconds', 'eval_seconds')}
+            for r in csv.DictReader(open(run / 'metrics.csv'))]
+
+
+BENCH_TINY = ['--dists', 'bernoulli', '--steps', '2', '--eval-n', '3', '--k', '5', '--device', 'cpu']
+
+
+def bench_rows(path, n):
+    """bench.csv's rows, each checked to agree with itself to the CSV's 6 significant digits."""
+    rows = list(csv.DictReader(open(path)))
+    for r in rows:
+        f = {k: float(r[k]) for k in ('ceiling_img_s', 'epoch_img_s', 'ratio', 'epoch_seconds', 'eval_img_k_s',
+                                      'train_mflop_img', 'epoch_gflop_s', 'peak_gflop_s', 'fraction')}
+        # FLOPs per image: at least the decoder's two 4x4 transposed convolutions (7x7x64 -> 14x14x32 ->
+        # 28x28x16), 2 FLOPs per multiply-add, forward and two backward products
+        assert 3 * 2 * (7 * 7 * 64 * 32 * 16 + 14 * 14 * 32 * 16 * 16) / 1e6 < f['train_mflop_img'] < 200
+        assert f['epoch_gflop_s'] == pytest.approx(f['epoch_img_s'] * f['train_mflop_img'] / 1e3, rel=1e-4)
+        assert f['fraction'] == pytest.approx(f['epoch_gflop_s'] / f['peak_gflop_s'], rel=1e-4)
+        assert f['epoch_img_s'] == pytest.approx(n / f['epoch_seconds'], rel=1e-4)
+        assert all(v > 0 for v in f.values()) and 0 <= float(r['data_seconds'])
+        assert r['eval_k'] == '5' and r['eval_n'] == '3' and r['torch'] == torch.__version__
+        assert r['device'].startswith('cpu') and int(r['threads']) >= 1 and int(r['peak_rss_mb']) > 100
+    return rows
