@@ -99,33 +99,32 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     x8 = test_x8[:args.n_test].to(device)
     x = vae.eval_data(lik, x8)                            # what the model sees: the encoder's input
     xdeq = None
-    if lik.density:        # the dequantisation bound's data; a dequantised fit's own data already is it
+    if lik.density:        # the dequantisation bound's data
         xdeq = vae.dequantize(x8.cpu(), torch.Generator().manual_seed(vae.EVAL_SEED)).to(device)
-        xdeq = x if torch.equal(xdeq, x) else xdeq
     gen = torch.Generator(device).manual_seed(vae.EVAL_SEED)
-    est, log_px, kl, mu = vae.importance_log_px(model, x, args.k, gen, x8, xdeq)   # (n,) each, mu (n, D)
-    key = '8bit' if '8bit' in est else 'data'             # what is ranked: the 8-bit pixels, where defined
-    logp = est[key].cpu()
+    est = vae.importance_log_px(model, x, args.k, gen, x8, xdeq)   # (n,) each, mu (n, D)
+    exact = est.exact8 is not None                        # what is ranked: the 8-bit pixels, where defined
+    logp = est.ranked.cpu()
     n = logp.shape[0]
     b = max(1, vae.chunk(x.device) // max(CURVE))
-    curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b])[0][key]
+    curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b]).ranked
                           for s in range(0, min(n, args.n_curve), b)], 1)
     row = {'dist': vae.model_name(a, lik), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
            'epochs': len(metrics), 'best_epoch': ckpt['epoch'], 'train_seconds': sum(r['seconds'] for r in metrics),
-           'test_data': lik.data_name, 'scored_on': '8-bit pixels (exact)' if key == '8bit' else
+           'test_data': lik.data_name, 'scored_on': '8-bit pixels (exact)' if exact else
            f'{lik.data_name} (not ranked)', 'n_test': n,
-           'test_elbo_nats': (log_px - kl).mean().item(), 'test_recon_nats': log_px.mean().item(),
-           'test_kl_nats': kl.mean().item(), 'iwae_nats': logp.mean().item(), 'iwae_k': args.k,
+           'test_elbo_nats': (est.recon - est.kl).mean().item(), 'test_recon_nats': est.recon.mean().item(),
+           'test_kl_nats': est.kl.mean().item(), 'iwae_nats': logp.mean().item(), 'iwae_k': args.k,
            'iwae_stderr': (logp.std() / math.sqrt(n)).item(),
-           'active_units': int((mu.var(0) > 0.01).sum()), 'k_curve_n': curve_lw.shape[1],
+           'active_units': int((est.mu.var(0) > 0.01).sum()), 'k_curve_n': curve_lw.shape[1],
            **{f'iwae_k{k}_nats': vae.iwae(curve_lw, k).mean().item() for k in CURVE},
            **lik.diagnostics(model, x8)}
-    logp8 = logp if key == '8bit' else None
+    logp8 = logp if exact else None
     if logp8 is not None:
         row['nll_8bit_nats'] = -logp8.mean().item()
         row['bits_per_dim'] = row['nll_8bit_nats'] / vae.BITS
-    if 'bound' in est:
-        row['bound_nll_8bit_nats'] = -est['bound'].mean().item()
+    if est.bound is not None:
+        row['bound_nll_8bit_nats'] = -est.bound.mean().item()
         row['bound_bits_per_dim'] = row['bound_nll_8bit_nats'] / vae.BITS
     row['eval_seconds'] = time.time() - t0
     return row, logp8

@@ -105,13 +105,13 @@ def nll_line(model, x8, k):
     dev = next(model.parameters()).device
     x8 = x8.to(dev)
     est = vae.importance_log_px(model, vae.eval_data(model.lik, x8), k,
-                                torch.Generator(dev).manual_seed(vae.EVAL_SEED), x8)[0]
+                                torch.Generator(dev).manual_seed(vae.EVAL_SEED), x8)
     where = f'IWAE k = {k}, {len(x8)} test images'
-    if '8bit' not in est:
-        nll = -est['data'].cpu()
+    if est.exact8 is None:
+        nll = -est.data.cpu()
         return (f'test NLL {nll.mean():.2f} ± {nll.std() / math.sqrt(len(nll)):.2f} (s.e.) nats '
                 f'({model.lik.data_name} digits, {where})')
-    nll = -est['8bit'].cpu()
+    nll = -est.exact8.cpu()
     bpd = nll.mean() / (vae.N_PIXELS * math.log(2))
     return (f'test NLL {nll.mean():.1f} ± {nll.std() / math.sqrt(len(nll)):.1f} (s.e.) nats = {bpd:.3f} bits/dim '
             f'(exact, 8-bit pixels, {where})')

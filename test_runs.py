@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize('grad', [False, True])
+
+
 def test_a_compiled_loop_equals_its_eager_function(monkeypatch, grad):
     """torch.compile's fused C++ (or Triton) loop computes what the eager function does, with and
     without the derivatives; compiled at 4 series terms, the first-bin loop only, so that a cold
@@ -78,12 +80,15 @@ def test_train_end_to_end(tmp_path, mnist_dir):
 
 TINY = ['--subset', '1024', '--val-subset', '500', '--batch-size', '128', '--epochs', '2', '--latent-dim', '2', '--seed', '3']
 
+
 def train_cmd(out, mnist_dir, *extra):
     return [sys.executable, os.path.join(HERE, 'train.py'), '--data-dir', mnist_dir, '--out-dir', str(out), *TINY, *extra]
+
 
 def same_weights(a, b):
     sa, sb = (torch.load(p / 'model.pt', weights_only=True) for p in (a, b))
     return sa['epoch'] == sb['epoch'] and all(torch.equal(sa['state_dict'][k], sb['state_dict'][k]) for k in sa['state_dict'])
+
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory, mnist_dir):
@@ -92,6 +97,7 @@ def reference_run(tmp_path_factory, mnist_dir):
     assert r.returncode == 0, r.stderr
     return out
 
+
 def test_same_seed_same_flags_give_identical_metrics(reference_run, tmp_path, mnist_dir):
     r = subprocess.run(train_cmd(tmp_path / 'again', mnist_dir), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -99,7 +105,10 @@ def test_same_seed_same_flags_give_identical_metrics(reference_run, tmp_path, mn
     assert metric_values(tmp_path / 'again') == metric_values(reference_run)
     assert same_weights(tmp_path / 'again', reference_run)
 
+
 @pytest.mark.parametrize('sig', ['SIGKILL', 'SIGTERM', 'SIGINT'])
+
+
 def test_a_run_killed_mid_epoch_and_resumed_matches_the_uninterrupted_run(reference_run, tmp_path, mnist_dir, sig):
     import signal
     import time
@@ -126,6 +135,7 @@ def test_a_run_killed_mid_epoch_and_resumed_matches_the_uninterrupted_run(refere
     assert r.returncode == 0 and 'resuming' in r.stdout, r.stderr
     assert metric_values(out) == metric_values(reference_run)
     assert same_weights(out, reference_run)
+
 
 def test_resume_needs_last_pt_and_the_same_flags(reference_run, tmp_path, mnist_dir):
     with pytest.raises(SystemExit) as e:
@@ -167,9 +177,9 @@ def tiny_runs(tmp_path_factory, mnist_dir):
 def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):
     model, _ = vae.load_checkpoint(os.path.join(tiny_runs[0], 'model.pt'))
     x8 = vae.load_mnist(mnist_dir)['test'][0][:200]
-    lws, log_px, kl, mu = vae.log_weights(model, vae.eval_data(model.lik, x8), 100, torch.Generator().manual_seed(0), x8)
-    lw = lws['data']
-    assert lw.shape == lws['8bit'].shape == (100, 200) and mu.shape == (200, 2) and 'bound' not in lws
+    w = vae.log_weights(model, vae.eval_data(model.lik, x8), 100, torch.Generator().manual_seed(0), x8)
+    lw, log_px, kl = w.data, w.recon, w.kl
+    assert lw.shape == w.exact8.shape == (100, 200) and w.mu.shape == (200, 2) and w.bound is None
     est = {k: vae.iwae(lw, k).mean().item() for k in (1, 2, 10, 100)}
     elbo = (log_px - kl).mean().item()
     # k = 1 is the ELBO (with a sampled KL); every larger k is above it, and grows with k
@@ -177,6 +187,7 @@ def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):
     assert elbo < est[2] < est[10] < est[100]
     se = vae.iwae(lw, 100).std() / math.sqrt(200)
     assert se > 0
+
 
 def test_compare_script_on_tiny_runs(tiny_runs, mnist_dir, tmp_path):
     out = tmp_path / 'results'
@@ -255,6 +266,7 @@ def test_plot_latent_on_tiny_checkpoints(tiny_runs, mnist_dir, tmp_path):
     acc = plot_latent.knn_accuracy(mu, labels[:n])
     assert f'5-NN accuracy {100 * acc:.1f}%' in axes[0].get_title()
 
+
 def test_plot_latent_uses_principal_components_beyond_two_dims(mnist_dir, tmp_path):
     run = tmp_path / 'z3'
     train.train(train.parse_args(['--data-dir', mnist_dir, '--out-dir', str(run), '--subset', '256',
@@ -274,6 +286,7 @@ def snapshot(run):
     """Every file of a run directory and its bytes (the lock file aside)."""
     return {p.name: p.read_bytes() for p in sorted(Path(run).iterdir()) if p.name != '.lock'}
 
+
 @pytest.fixture
 def finished_run(reference_run, tmp_path):
     """A copy of the finished 2-epoch reference run, and its files' bytes."""
@@ -282,18 +295,22 @@ def finished_run(reference_run, tmp_path):
     shutil.copytree(reference_run, run, ignore=shutil.ignore_patterns('.lock'))
     return run, snapshot(run)
 
+
 def one_line_failure(r, says):
     """A finished subprocess failed with exactly one line on stderr that says `says`."""
     assert r.returncode != 0 and r.stderr.count('\n') == 1 and says in r.stderr, r.stderr
     assert 'Traceback' not in r.stderr
+
 
 def patched(patch, script, *args):
     """The command that runs script as __main__ in a fresh python after the code `patch` (a monkeypatch)."""
     code = f'import runpy, sys\n{patch}\nsys.argv = {[script, *args]!r}\nrunpy.run_path({script!r}, run_name="__main__")'
     return [sys.executable, '-c', code]
 
+
 def with_patch(patch, script, *args):
     return subprocess.run(patched(patch, script, *args), capture_output=True, text=True, timeout=300, cwd=HERE)
+
 
 def test_a_new_run_never_replaces_a_finished_one_unless_told(finished_run, mnist_dir, tmp_path, monkeypatch):
     """Without --resume a run in a directory holding one is refused; a new run that fails (bad
@@ -318,11 +335,13 @@ def test_a_new_run_never_replaces_a_finished_one_unless_told(finished_run, mnist
     assert e.value.code == 130 and not (run / 'model.pt').exists() and not (run / 'metrics.csv').exists()
     assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 0          # the new run's, not the old one's
 
+
 def test_a_run_in_a_finished_run_dir_is_refused_in_one_line(finished_run, mnist_dir):
     run, before = finished_run
     r = subprocess.run(train_cmd(run, mnist_dir), capture_output=True, text=True, timeout=300)
     one_line_failure(r, f'--out-dir {run} holds a run (model.pt, last.pt, metrics.csv')
     assert '--resume' in r.stderr and '--overwrite' in r.stderr and snapshot(run) == before
+
 
 def test_a_second_process_in_the_same_out_dir_is_refused(tmp_path, mnist_dir):
     """Two real processes: while one trains, another with the same --out-dir (and any flags) is
@@ -364,7 +383,10 @@ FAILURES = {   # a patch that makes the resumed run fail as a machine would, and
                           'vae.elbo_terms = oom', "error: out of memory (DefaultCPUAllocator: can't allocate memory"),
 }
 
+
 @pytest.mark.parametrize('case', list(FAILURES))
+
+
 def test_a_failing_machine_gives_one_line_and_keeps_the_finished_run(finished_run, mnist_dir, case):
     """A finished run continued with --resume on a disk that fills up halfway through every file,
     or out of memory: one line, exit 1, the run's files byte-identical, no temporary file left."""
@@ -375,12 +397,15 @@ def test_a_failing_machine_gives_one_line_and_keeps_the_finished_run(finished_ru
     one_line_failure(r, says.format(run=run))
     assert r.returncode == 1 and snapshot(run) == before
 
+
 @pytest.mark.parametrize('script,args', [
     ('compare_likelihoods.py', ['{run}', '--out', '{out}']),
     ('plot_latent.py', ['--ckpt', '{run}', '--out', '{out}']),
     ('plot_latent.py', ['--ckpt', '{run}', '--all', '{out}/all.png']),
     ('bench.py', ['--out', '{out}/bench.csv', '--dists', 'bernoulli']),
 ])
+
+
 def test_an_unwritable_output_is_refused_before_the_long_work(reference_run, tmp_path, mnist_dir, script, args):
     out = '/sys/results' if os.geteuid() == 0 else str(tmp_path / 'readonly' / 'results')   # root ignores permissions
     if os.geteuid() != 0:
@@ -389,6 +414,7 @@ def test_an_unwritable_output_is_refused_before_the_long_work(reference_run, tmp
                         '--data-dir', mnist_dir], capture_output=True, text=True, timeout=120, cwd=HERE)
     one_line_failure(r, 'cannot write there')
     assert 'evaluated' not in r.stdout and 'wrote' not in r.stdout
+
 
 def test_an_interrupted_run_ignores_signals_through_its_exit(tmp_path):
     """After an interrupt, the exit ignores Ctrl-C and SIGTERM to the end: an exit handler that runs
@@ -410,7 +436,10 @@ except KeyboardInterrupt:
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and r.stdout.strip() == '[True, True]', (r.returncode, r.stdout, r.stderr)
 
+
 @pytest.mark.parametrize('delay', [0.5, 1.2, 3.0])
+
+
 def test_ctrl_c_twice_at_any_moment_is_one_line(tmp_path, mnist_dir, delay):
     """Ctrl-C twice in a row during the imports (0.3 s), then later (data loading, set-up or the
     first epoch, depending on the machine): exit status 130, no traceback, one line (or the
@@ -429,12 +458,14 @@ def test_ctrl_c_twice_at_any_moment_is_one_line(tmp_path, mnist_dir, delay):
     assert p.returncode == 130 and 'Traceback' not in err and not (tmp_path / 'run' / 'model.pt').exists(), err
     assert len(err.strip().splitlines()) <= 3, err    # 'interrupted', or the loop's resume hint
 
+
 def compare_err(capsys, argv):
     with pytest.raises(SystemExit) as e:
         cmp.main(argv)
     out = capsys.readouterr().out
     assert 'evaluated in' not in out, out          # refused before any run was evaluated
     return str(e.value.code)
+
 
 def test_compare_checks_every_run_before_evaluating_any(tiny_runs, tmp_path, mnist_dir, capsys):
     import shutil
@@ -459,12 +490,14 @@ def test_compare_checks_every_run_before_evaluating_any(tiny_runs, tmp_path, mni
     assert 'hold the same model (categorical-K16, latent dim 2, seed 0)' in msg and 'two seeds' in msg
     assert not (tmp_path / 'res').exists()
 
+
 def test_a_directory_where_an_output_file_goes_is_refused_before_evaluating(reference_run, tmp_path, mnist_dir,
                                                                            capsys):
     (tmp_path / 'res' / 'likelihoods.csv').mkdir(parents=True)
     msg = compare_err(capsys, [str(reference_run), '--data-dir', mnist_dir, '--out', str(tmp_path / 'res'),
                                '--k', '2', '--n-test', '8', '--n-curve', '1'])
     assert msg.startswith('error: --out: ') and 'likelihoods.csv is a directory, where the output file goes' in msg
+
 
 def test_plot_latent_draws_a_one_dimensional_latent(tmp_path, mnist_dir):
     run = tmp_path / 'z1'
@@ -494,6 +527,7 @@ case "$1" in
 esac
 """
 
+
 def makefile_sandbox(tmp_path):
     """The Makefile and the files it depends on, an installed-looking .venv, and ./fakepy."""
     import shutil
@@ -504,6 +538,7 @@ def makefile_sandbox(tmp_path):
     (tmp_path / '.venv' / '.installed').touch()
     (tmp_path / 'fakepy').write_text(FAKE_PYTHON)
     (tmp_path / 'fakepy').chmod(0o755)
+
 
 def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
     """The Makefile's own logic, with a stand-in for python that creates what the scripts would:
@@ -521,6 +556,7 @@ def test_make_latent_trains_then_plots_and_keeps_the_model(tmp_path):
     subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert len((tmp_path / 'calls.txt').read_text().splitlines()) == 2      # up to date: nothing redone
 
+
 def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
     """A run with last.pt and no model.pt was interrupted: make passes --resume. A finished run
     whose model.pt is older than train.py is trained again from the start."""
@@ -537,6 +573,7 @@ def test_make_resumes_an_interrupted_run_and_restarts_a_stale_one(tmp_path):
     calls = (tmp_path / 'calls.txt').read_text().splitlines()
     assert len(calls) == 2 and calls[0].endswith('--resume') and calls[1].endswith('--overwrite')
 
+
 def test_make_compare_budget_is_the_default_or_long(tmp_path):
     """make compare trains with at most 20 epochs and patience 3; BUDGET=long with 200 and 10,
     in its own runs and results directories."""
@@ -552,6 +589,7 @@ def test_make_compare_budget_is_the_default_or_long(tmp_path):
         assert calls[1].startswith(f'compare_likelihoods.py {run}/beta-z32-s0 --data-dir d --out {results} ')
         assert '--compare-plan 1 100 10000 1000' in calls[0]        # the first run estimates the whole
 
+
 def test_make_figures_copies_the_chosen_comparison_and_the_latent_figures(tmp_path):
     makefile_sandbox(tmp_path)
     for d in ('results/quick', 'results'):
@@ -564,6 +602,7 @@ def test_make_figures_copies_the_chosen_comparison_and_the_latent_figures(tmp_pa
     figs = tmp_path / 'docs' / 'figures'
     assert (figs / 'likelihoods.png').read_text() == 'quick' and (figs / 'latent_all.png').read_text() == 'latent'
     assert 'results/quick/samples.png is missing' in r.stderr and not (figs / 'samples.png').exists()
+
 
 def test_make_recipes_trains_each_fit_at_the_compare_budget_and_refuses_a_misspelt_fit(tmp_path):
     makefile_sandbox(tmp_path)
@@ -598,6 +637,7 @@ def test_reference_loop_reads_the_same_images(mnist_dir):
     assert len(ds) == 50000
     for i in (0, 31337, 49999):
         assert torch.equal(bench.to_8bit(ds[i][0]), data['train'][0][i])
+
 
 def test_bench_tiny_run_writes_consistent_rows(mnist_dir, tmp_path):
     """Both loops, each likelihood in its own process, as make bench runs it."""

@@ -62,7 +62,10 @@ def reference(dist, params, x, lik):
         lp = Categorical(logits=params.unsqueeze(-4)).log_prob(torch.round(x * (lik.bins - 1)).long())
     return lp.flatten(-3).sum(-1)
 
+
 @pytest.mark.parametrize('dist', [d for d in ALL if not d.startswith('logistic')])
+
+
 def test_log_prob_matches_torch_distributions(dist):
     """A density's log_prob on gray values (--fit gray) is its density's; with the raw std of
     gaussian-shared moved off its initial value, so its own parameter is the one used."""
@@ -75,6 +78,7 @@ def test_log_prob_matches_torch_distributions(dist):
     want = reference(dist, lik.head(h), x, lik)
     assert got.shape == (3, 5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
 
 def test_discretized_logistic_matches_cdf_differences():
     """Against the textbook form F(x + 1/510) - F(x - 1/510), the end levels taking the
@@ -94,11 +98,13 @@ def test_discretized_logistic_matches_cdf_differences():
     torch.testing.assert_close(got[ok], want[ok], rtol=1e-6, atol=1e-6)
     assert torch.isfinite(got).all()
 
+
 def logistic_mix_head(mixtures=3, n=40, seed=0):
     """A logistic-mix likelihood and decoder features giving n single pixels of varied mixtures."""
     torch.manual_seed(seed)
     lik = lik_of('logistic-mix', mixtures=mixtures)
     return lik, torch.randn(1, n, 1, 1, vae.VAE.features) * torch.logspace(-1, 1, n).view(1, n, 1, 1, 1)
+
 
 def test_logistic_mixture_matches_its_mixed_cdf_differences():
     """Against log sum_m pi_m (F_m(x + 1/510) - F_m(x - 1/510)) in float64, the end levels taking the tails."""
@@ -115,6 +121,7 @@ def test_logistic_mixture_matches_its_mixed_cdf_differences():
     assert ok.double().mean() > 0.3
     torch.testing.assert_close(got.double()[ok], want[ok], rtol=1e-4, atol=1e-4)
 
+
 def test_logistic_mixture_samples_follow_its_probabilities():
     lik, h = logistic_mix_head(n=3)
     draws = lik.sample(h.expand(100_000, -1, -1, -1, -1)).squeeze(-1).squeeze(-1).squeeze(-1)   # (100000, 3)
@@ -126,7 +133,10 @@ def test_logistic_mixture_samples_follow_its_probabilities():
         assert (freq - p[:, j]).abs().max() < 0.006
     assert torch.allclose(lik.mean(h).flatten(), (p * levels.view(256, 1)).sum(0).float(), atol=1e-5)
 
+
 @pytest.mark.parametrize('loc,scale', [(0.5, 0.01), (0.02, 0.03), (1.1, 0.2)])
+
+
 def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     """Hand-written sample and mean agree with log_prob: level frequencies of 200,000
     draws match exp(log_prob), and mean matches the sample mean (end levels included)."""
@@ -139,8 +149,11 @@ def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     assert (freq - p).abs().max() < 0.005
     assert abs(d.mean.item() - s.mean().item()) < 2e-3
 
+
 @pytest.mark.parametrize('dist,bins', [('categorical', 256), ('categorical', 7), ('categorical', 2),
                                        ('logistic', 256), ('logistic-mix', 256)])
+
+
 def test_discrete_likelihoods_sum_to_one(dist, bins):
     """Sum of p over every level of a single pixel is 1, through lik.log_prob (the path
     training uses), for many random heads including extreme parameters."""
@@ -152,11 +165,15 @@ def test_discrete_likelihoods_sum_to_one(dist, bins):
     total = torch.logsumexp(logp.double(), 0).exp()
     torch.testing.assert_close(total, torch.ones(50, dtype=torch.float64), rtol=0, atol=2e-5)
 
+
 def integrate(logpdf, lo, hi, n=400_001):
     t = torch.linspace(lo, hi, n, dtype=torch.float64)
     return torch.trapezoid(logpdf(t).exp(), t, dim=0)
 
+
 @pytest.mark.parametrize('dist', ['cbernoulli', 'beta'])
+
+
 def test_unit_interval_densities_integrate_to_one(dist):
     """Integral over [0, 1] of each pixel's density = 1, for 64 random parameter settings.
     Substituting x = sigmoid(y), dx = x (1 - x) dy, removes the Beta's end singularities.
@@ -176,7 +193,10 @@ def test_unit_interval_densities_integrate_to_one(dist):
     total = integrate(logpdf_y, -700.0, 36.7, n=200_001)
     torch.testing.assert_close(total, torch.ones(64, dtype=torch.float64), rtol=0, atol=1e-4)
 
+
 @pytest.mark.parametrize('dist', ['gaussian', 'gaussian-fixed'])
+
+
 def test_gaussian_densities_integrate_to_one(dist):
     """A Gaussian's support is the real line (it puts mass outside [0, 1]): integrate there."""
     lik = lik_of(dist)
@@ -184,6 +204,7 @@ def test_gaussian_densities_integrate_to_one(dist):
     d = lik.dist(params)
     total = integrate(lambda t: d.log_prob(t.view(-1, 1, 1, 1, 1)), -15.0, 15.0, n=100_001)
     torch.testing.assert_close(total, torch.ones(64, dtype=torch.float64), rtol=0, atol=1e-5)
+
 
 def test_fused_categorical_head_matches_linear_cross_entropy(monkeypatch):
     monkeypatch.setattr(D.CategoricalHeadNLL, 'chunk', 7)  # several chunks, a ragged last one
@@ -201,6 +222,7 @@ def test_fused_categorical_head_matches_linear_cross_entropy(monkeypatch):
     for a, e in zip(grads, want_grads):
         torch.testing.assert_close(a, e)
     assert torch.autograd.gradcheck(lambda *a: D.CategoricalHeadNLL.apply(*a, t), (h, w, b))
+
 
 def test_fused_categorical_head_in_bf16_matches_fp32_within_bf16_rounding():
     """Under --precision bf16 the head's matmuls take bf16 features; the NLL and the weights'
@@ -220,7 +242,10 @@ def test_fused_categorical_head_in_bf16_matches_fp32_within_bf16_rounding():
     for got, want in zip(out[torch.bfloat16], out[torch.float32]):
         assert (got.float() - want).norm() / want.norm() < 2e-2
 
+
 @pytest.mark.parametrize('dist', ALL)
+
+
 def test_a_bf16_training_step_matches_fp32_and_keeps_the_sums_in_fp32(dist):
     """The same step under --precision bf16: the loss within 2 % of fp32's, fp32 log-likelihood
     and KL, finite gradients that reach the encoder."""
@@ -246,10 +271,14 @@ def test_a_bf16_training_step_matches_fp32_and_keeps_the_sums_in_fp32(dist):
 
 LOGITS = [-100.0, -30.0, -10.0, -1.0, -0.05, 0.0, 1e-3, 0.05, 1.0, 10.0, 30.0, 100.0]
 
+
 def cb(e, dtype=torch.float64):
     return D.ContinuousBernoulli(torch.tensor(e, dtype=dtype))
 
+
 @pytest.mark.parametrize('e', LOGITS)
+
+
 def test_continuous_bernoulli_integrates_to_one_with_its_mean_and_cdf(e):
     """Quadrature (scipy, float64) of the density, of x p(x), and of p up to 0.3."""
     from scipy.integrate import quad
@@ -261,7 +290,10 @@ def test_continuous_bernoulli_integrates_to_one_with_its_mean_and_cdf(e):
     cdf = quad(pdf, 0, 0.3, points=[p for p in pts if p < 0.3], limit=200)[0]
     assert abs(d.cdf(torch.tensor(0.3, dtype=torch.float64)).item() - cdf) <= 1e-10 * cdf + 1e-300
 
+
 @pytest.mark.parametrize('e', [-9.9, -5.0, -1.0, -0.3, -1e-3, 1e-3, 0.3, 1.0, 5.0, 9.9])
+
+
 def test_continuous_bernoulli_equals_torch_in_float64_where_its_clamp_is_inactive(e):
     x = torch.linspace(0, 1, 101, dtype=torch.float64)
     t = torch.tensor(e, dtype=torch.float64)
@@ -270,6 +302,7 @@ def test_continuous_bernoulli_equals_torch_in_float64_where_its_clamp_is_inactiv
     torch.testing.assert_close(D.ContinuousBernoulli(t).mean, ref.mean, rtol=1e-9, atol=1e-9)
     if abs(e) > 0.01:   # nearer 0 torch's cdf returns x itself, an approximation (ours: quadrature test)
         torch.testing.assert_close(D.ContinuousBernoulli(t).cdf(x), ref.cdf(x), rtol=1e-9, atol=1e-12)
+
 
 def test_continuous_bernoulli_is_exact_at_logit_minus_30_in_float32_where_torch_is_not():
     """log p(0.002 | e = -30) = log(30 / (1 - exp(-30))) - 0.06 = 3.3411: torch's float32
@@ -280,6 +313,7 @@ def test_continuous_bernoulli_is_exact_at_logit_minus_30_in_float32_where_torch_
     theirs = ContinuousBernoulli(logits=torch.tensor(-30.0)).log_prob(x).item()
     assert abs(ours - exact) < 1e-5
     assert abs(theirs - exact) > 0.5        # the artefact this class replaces
+
 
 def test_continuous_bernoulli_is_finite_with_gradients_at_large_logits_in_float32():
     e = torch.tensor([-100.0, -30.0, -1e-4, 0.0, 1e-4, 30.0, 100.0], requires_grad=True)
@@ -292,7 +326,10 @@ def test_continuous_bernoulli_is_finite_with_gradients_at_large_logits_in_float3
     torch.testing.assert_close(lp[-1, -1], torch.tensor(math.log(100)), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(lp[0, 0], torch.tensor(math.log(100)), rtol=1e-6, atol=1e-5)
 
+
 @pytest.mark.parametrize('e', [-100.0, -3.0, 0.0, 0.5, 30.0])
+
+
 def test_continuous_bernoulli_samples_follow_its_cdf(e):
     """Inverse-CDF sampling: icdf(cdf(x)) = x, and 100,000 draws match the CDF (KS distance)."""
     d = cb(e)
@@ -305,12 +342,16 @@ def test_continuous_bernoulli_samples_follow_its_cdf(e):
     ks = (d.cdf(s) - torch.arange(1, 100_001, dtype=torch.float64) / 100_000).abs().max()
     assert ks < 0.006                       # the 99.9% KS critical value is 1.95 / sqrt(n)
 
+
 def one_pixel_heads(n=40, seed=0):
     """n decoder features (n, 1, 1, F), from tame to extreme head outputs (up to the hundreds)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 1, vae.VAE.features, generator=gen) * torch.logspace(-1, 2.5, n).view(n, 1, 1, 1)
 
+
 @pytest.mark.parametrize('dist', [d for d in ALL if vae.LIKELIHOODS[d].density])
+
+
 def test_exact_8bit_bin_probabilities_of_every_density_sum_to_one(dist):
     """Through log_prob_8bit, the path the comparison uses: each of 40 one-pixel decoders
     (tame to extreme parameters) gives its 256 values probabilities summing to 1 (float64)."""
@@ -321,6 +362,7 @@ def test_exact_8bit_bin_probabilities_of_every_density_sum_to_one(dist):
         logp = lik.log_prob_8bit(h, levels, None).double()             # (40, 256)
     assert torch.isfinite(logp).all()
     torch.testing.assert_close(logp.exp().sum(1), torch.ones(40, dtype=torch.float64), rtol=0, atol=1e-5)
+
 
 def test_normal_bins_match_high_precision_cdf_differences():
     """normal_log_interval against mpmath at 50 digits, in both tails and the middle."""
@@ -337,8 +379,11 @@ def test_normal_bins_match_high_precision_cdf_differences():
                              for lw, h in zip(lo.tolist(), hi.tolist())], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
+
 @pytest.mark.parametrize('a,b,rtol', [(0.05, 3.0, 1e-9), (4.0, 4.0, 1e-9), (1e-3, 1e-3, 1e-9),
                                       (0.5, 300.0, 1e-6), (300.0, 0.5, 1e-6), (2000.0, 3000.0, 1e-6)])
+
+
 def test_beta_bins_match_high_precision_quadrature(a, b, rtol):
     """beta_log_interval against mpmath in 30-digit arithmetic (no underflow): the end bins by
     the regularised incomplete beta, the others by tanh-sinh quadrature on 4 sub-intervals.
@@ -356,6 +401,7 @@ def test_beta_bins_match_high_precision_quadrature(a, b, rtol):
     want = torch.tensor([float(mpmath.log(mass(lw, h))) for lw, h in zip(lo.tolist(), hi.tolist())],
                         dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+
 
 def test_log_betainc_matches_mpmath_in_every_regime():
     """log_betainc against mpmath at 40 digits: the series where its terms first grow (small x,
@@ -379,6 +425,7 @@ def test_log_betainc_matches_mpmath_in_every_regime():
     # near I = 1, log B(a, b) of large a + b cancels in the sum: a few 1e-12 nats absolute
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
+
 def test_continuous_bernoulli_bins_match_quadrature():
     from scipy.integrate import quad
     v = torch.tensor([0, 1, 17, 128, 254, 255])
@@ -391,10 +438,12 @@ def test_continuous_bernoulli_bins_match_quadrature():
                              for lw, h in zip(lo.tolist(), hi.tolist())], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
+
 def test_log_gamma_matches_torch_lgamma():
     x = torch.exp(torch.linspace(math.log(1e-3), math.log(1e20), 20001, dtype=torch.float64))
     x = torch.cat([x, torch.tensor([1.0, 2.0, 0.5, 1e15, 1e15 * (1 + 1e-15)], dtype=torch.float64)])
     torch.testing.assert_close(D._log_gamma(x), torch.lgamma(x), rtol=1e-14, atol=1e-14)
+
 
 def test_fixed_series_equals_the_adaptive_one_where_it_says_it_is_enough():
     g = torch.Generator().manual_seed(0)
@@ -407,9 +456,11 @@ def test_fixed_series_equals_the_adaptive_one_where_it_says_it_is_enough():
     assert 0.3 < ok.double().mean() < 0.95          # both outcomes occur
     torch.testing.assert_close(got[ok], want[ok], rtol=1e-14, atol=1e-14)
 
+
 def eager_beta_score(lik, h, x8):
     """log P(x8 | z) per image of the beta head, from the eager score of every bin."""
     return D._log_interval_eager(*beta_bins_of(lik, h, x8)).view(h.shape[:-3] + (-1,)).sum(-1).float()
+
 
 def test_continued_fraction_matches_scipy_betainc_where_it_converges():
     from scipy.special import betainc
@@ -427,6 +478,7 @@ def test_continued_fraction_matches_scipy_betainc_where_it_converges():
 
 SHORT_LOOPS = (partial(D._series_first, terms=8), partial(D._series_bins, terms=16),
                partial(D._log_cf_terms, iters=8))   # short, so that more bins reach every pass
+
 
 def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
     """Each pass of BetaLik.log_prob_8bit (the loops torch.compile fuses, here run eagerly)
@@ -453,7 +505,10 @@ def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
         torch.testing.assert_close(got[ok], want[ok], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fused, eager_beta_score(lik, h, x8), rtol=1e-7, atol=0)   # float32 sums
 
+
 @pytest.mark.parametrize('fails', ['first call', 'second pass'])
+
+
 def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails):
     def broken(a, b, lo, hi, at_half):
         if fails == 'first call' or at_half:
@@ -473,6 +528,7 @@ def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails)
     assert D._bins_fused(*[torch.ones(2, dtype=torch.float64)] * 4, torch.tensor(False)) is None
     torch.testing.assert_close(got, eager_beta_score(lik, h, x8))
 
+
 def test_without_a_cpp_compiler_beta_scores_eagerly_and_says_so_once(monkeypatch):
     monkeypatch.setattr(D, '_cpp_compiler', lambda: None)                  # no g++, no $CXX
     def never(fn, **_):
@@ -485,6 +541,7 @@ def test_without_a_cpp_compiler_beta_scores_eagerly_and_says_so_once(monkeypatch
         got = lik.log_prob_8bit(h, x8)
     assert len(said) == 1
     torch.testing.assert_close(got, eager_beta_score(lik, h, x8))
+
 
 def test_beta_one_one_scores_exactly_8_bits_per_dim():
     """Beta(1, 1) is uniform on [0, 1]: every 8-bit value gets 1/256, 8 bits/dim exactly (up to
@@ -501,6 +558,7 @@ def test_beta_one_one_scores_exactly_8_bits_per_dim():
         x8 = random_x8(3, 1, 28, 28)
         bpd = -lik.log_prob_8bit(torch.randn(3, 28, 28, vae.VAE.features), x8, None) / (784 * math.log(2))
     torch.testing.assert_close(bpd, torch.full((3,), 8.0), rtol=0, atol=1e-5)
+
 
 def test_registry_tables_match():
     """The per-likelihood tables of these tests and the Makefile's DISTS follow the registry."""
@@ -522,7 +580,10 @@ def same_pixels_at_every_level(lik, seed=0):
     x8 = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(256, 1, 3, 3)
     return h.expand(1, 256, 3, 3, -1), x8
 
+
 @pytest.mark.parametrize('dist,fit', RECIPES)
+
+
 def test_every_recipe_scores_bin_masses_that_sum_to_one(dist, fit):
     """The 8-bit score of every density under every fit it offers: over the 256 levels the
     masses of each pixel sum to 1 (the images' log-probabilities sum over pixels, so summed over
@@ -538,7 +599,10 @@ def test_every_recipe_scores_bin_masses_that_sum_to_one(dist, fit):
         got = lik.log_prob_8bit(h, x8, lik.log_prob(h, lik.data(x8, torch.Generator().manual_seed(0))))
         torch.testing.assert_close(got, per_pixel.flatten(-3).sum(-1).float())
 
+
 @pytest.mark.parametrize('dist,fit', RECIPES)
+
+
 def test_every_recipe_trains_with_finite_gradients(dist, fit):
     """One step of the training loss of every recipe on synthetic digits: finite, and every
     parameter of the likelihood and the networks gets a finite, non-zero gradient somewhere."""
@@ -553,7 +617,10 @@ def test_every_recipe_trains_with_finite_gradients(dist, fit):
         assert torch.isfinite(p.grad).all(), name
     assert all(p.grad.abs().sum() > 0 for p in model.lik.parameters())
 
+
 @pytest.mark.parametrize('dist', [d for d in DENSITIES if 'discrete' in vae.LIKELIHOODS[d].fits])
+
+
 def test_the_discrete_fit_trains_on_the_exact_bin_masses(dist):
     """--fit discrete: log_prob of the gray values v/255 is the exact 8-bit score of v, and
     differentiable; its data are the levels."""
@@ -568,6 +635,7 @@ def test_the_discrete_fit_trains_on_the_exact_bin_masses(dist):
     got.sum().backward()
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
+
 def test_old_checkpoints_keep_their_recipe(tmp_path):
     """A checkpoint from before --fit: the densities trained on gray values, beta dequantised."""
     assert lik_of('beta').fit == lik_of('gaussian').fit == 'discrete'
@@ -580,6 +648,7 @@ def test_old_checkpoints_keep_their_recipe(tmp_path):
     assert vae.model_name({'dist': 'gaussian'}, old['gaussian']) == 'gaussian-gray'
     assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta-dequantised'
 
+
 def eager_grad_loops(monkeypatch, terms=None):
     """Beta's derivative loops run eagerly (as torch.compile would run them), the value loops not
     at all (Fused(None), as in eager_beta); terms: shorter series, so that some bins fall through."""
@@ -589,9 +658,11 @@ def eager_grad_loops(monkeypatch, terms=None):
     monkeypatch.setattr(D, '_first_grad_fused', D.Fused(partial(D._series_first, grad=True, **cut)))
     monkeypatch.setattr(D, '_bins_grad_fused', D.Fused(partial(D._series_bins, grad=True, **cut)))
 
+
 def test_digamma_matches_torch_over_every_scale():
     x = torch.exp(torch.linspace(math.log(1e-3), math.log(1e18), 2001, dtype=torch.float64))
     torch.testing.assert_close(D._digamma(x), torch.digamma(x), rtol=1e-13, atol=1e-12)
+
 
 def test_series_derivatives_equal_autograd_of_the_series():
     """The forward-mode derivatives carried through the series loop (series_log_i with psi)
@@ -613,6 +684,7 @@ def test_series_derivatives_equal_autograd_of_the_series():
     torch.testing.assert_close(ds[ok], want[0][ok], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(dt[ok], want[1][ok], rtol=1e-9, atol=1e-9)
 
+
 def test_beta_loops_derivatives_equal_autograd_of_their_values():
     """_series_first and _series_bins with grad: the bin from two CDFs and the mirror image's swap
     of a and b equal autograd of the same float64 expressions without grad, on every kind of bin
@@ -629,6 +701,7 @@ def test_beta_loops_derivatives_equal_autograd_of_their_values():
         got = loop(a.detach(), b.detach(), grad=True)
         torch.testing.assert_close(got[0][ok], value.detach()[ok], rtol=0, atol=0)
         torch.testing.assert_close(torch.stack(got[1:], -1)[ok], want[ok], rtol=1e-8, atol=1e-9)
+
 
 def test_beta_derivatives_from_the_loops_equal_central_differences(monkeypatch):
     """_log_bins(grad=True): its derivatives through the series passes (here shortened, so that
@@ -651,8 +724,11 @@ SERIES_CASES = [(0.05, 30.0, 0), (0.4, 3.0, 0), (5.0, 2.0, 170), (1.5, 900.0, 1)
 
 PEAKED_CASES = [(2.0, 0.3, 255), (40.0, 60.0, 102), (300.0, 700.0, 77)]     # the series miss these
 
+
 @pytest.mark.parametrize('a,b,v,route', [(*c, 'series') for c in SERIES_CASES]
                          + [(*c, 'differences') for c in SERIES_CASES + PEAKED_CASES])
+
+
 def test_beta_bin_gradient_matches_high_precision_derivatives(monkeypatch, a, b, v, route):
     """--fit discrete for beta: d log P(v | a, b) / da and / db through beta_log_interval, against
     mpmath's derivative of its regularised incomplete beta in 30 digits: from the derivative
@@ -682,6 +758,7 @@ def test_beta_bin_gradient_matches_high_precision_derivatives(monkeypatch, a, b,
     want = [float(mpmath.diff(lambda t: log_p(t, b), a)), float(mpmath.diff(lambda t: log_p(a, t), b))]
     torch.testing.assert_close(ab.grad[0], torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-7)
 
+
 def best_masses(lik, v):
     """The largest mass a density gives level v over a grid of head outputs (0 and +-10^(k/2),
     k = 0..7, in every channel), any parameter of its own (gaussian-shared's std) at its floor."""
@@ -696,7 +773,10 @@ def best_masses(lik, v):
         edge = torch.zeros(grid.shape[:-1], dtype=torch.float64)
         return lik.log_interval(grid, edge + lo, edge + hi).exp().max().item()
 
+
 @pytest.mark.parametrize('dist', DENSITIES)
+
+
 def test_every_density_can_put_999_of_a_pixel_in_the_first_bin_and_the_last(dist):
     """The floors on scales and concentrations leave room where most MNIST pixels are: some
     parameters put at least 0.999 of a pixel's mass into the bin of level 0, some into 255 (a
@@ -705,7 +785,10 @@ def test_every_density_can_put_999_of_a_pixel_in_the_first_bin_and_the_last(dist
         lik = lik_of(dist, fit=fit)
         assert best_masses(lik, 0) >= 0.999 and best_masses(lik, 255) >= 0.999, fit
 
+
 @pytest.mark.parametrize('dist', ['gaussian', 'gaussian-shared'])
+
+
 def test_the_normal_std_floor_caps_an_interior_bin_only_on_gray_values(dist):
     """A Normal at the middle of level 128's bin with its std at the floor: under the fits to
     bins (0.256 bins) that level can hold 0.95 of the pixel, on gray values (2.56 bins) 0.15."""
@@ -719,6 +802,7 @@ def test_the_normal_std_floor_caps_an_interior_bin_only_on_gray_values(dist):
             lo, hi = vae.bin_edges(torch.tensor([[128]], dtype=torch.uint8))
             mass = lik.log_interval(params, lo, hi).exp().item()
         assert mass == pytest.approx(want, abs=1e-4), fit
+
 
 def test_gaussian_shared_learns_one_std_the_root_mean_square_error():
     """gaussian-shared: one std for every pixel; its maximum-likelihood value for fixed means is
@@ -738,6 +822,7 @@ def test_gaussian_shared_learns_one_std_the_root_mean_square_error():
     assert scale.unique().numel() == 1
     assert scale.flatten()[0].item() == pytest.approx(rmse.item(), rel=1e-3)
 
+
 def test_gaussian_fixed_trains_the_mse_form_only_on_gray_values(capsys):
     gray, discrete = lik_of('gaussian-fixed', fit='gray'), lik_of('gaussian-fixed')
     assert gray.loss_form and gray.default_kl_weight == pytest.approx(0.01 / 784)
@@ -752,9 +837,12 @@ ROWS = [  # scripted validation: the ELBO best at epoch 2, the 8-bit score best 
     {'val_elbo_nats': -95.0, 'val_nelbo_8bit_bpd': 2.2, 'val_iwae_nats': -88.0},    # the bound's best: epoch 3
 ]
 
+
 @pytest.mark.parametrize('dist,objective,patience,picked,epochs', [
     ('gaussian', 'elbo', 0, 1, 3), ('gaussian', 'elbo', 1, 1, 2), ('gaussian-shared', 'iwae', 0, 1, 3),
     ('logistic', 'elbo', 0, 1, 3), ('bernoulli', 'elbo', 0, 2, 3), ('bernoulli', 'iwae', 0, 3, 3)])
+
+
 def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_objective(dist, objective, patience, picked,
                                                                                epochs, tmp_path, synthetic_mnist,
                                                                                monkeypatch):
@@ -779,6 +867,7 @@ def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_objective(d
     assert (ckpt['epoch'], len(rows), ckpt['epochs_trained']) == (picked, epochs, epochs)
     assert ckpt['selected_by'] == rule and {r['selected_by'] for r in rows} == {rule}
     assert ckpt['val_selected'] == pytest.approx(float(rows[picked - 1][rule]))
+
 
 def test_resume_refuses_a_run_that_picked_its_checkpoint_by_another_rule(tmp_path, synthetic_mnist):
     out = tmp_path / 'run'
@@ -834,7 +923,10 @@ def test_closed_form_kl_matches_torch():
     p = Independent(Normal(torch.zeros(7), torch.ones(7)), 1)
     torch.testing.assert_close(vae.kl_normal(mu, logvar), kl_divergence(q, p))
 
+
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+
+
 def test_the_decoders_transposed_convolution_equals_torchs_with_its_gradients(layout):
     """vae.ConvTranspose2d (its own weight gradient on the CPU) against nn.ConvTranspose2d in
     float64: outputs and all three gradients, and torch's gradcheck of the backward."""
@@ -850,6 +942,7 @@ def test_the_decoders_transposed_convolution_equals_torchs_with_its_gradients(la
     for a, b in zip(torch.autograd.grad(y, (x, ours.weight, ours.bias), g), torch.autograd.grad(want, (x, ref.weight, ref.bias), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *a: vae._ConvTransposeFn.apply(*a, (2, 2), (1, 1)), (x, ours.weight, ours.bias))
+
 
 def test_the_decoders_transposed_convolution_under_bf16_autocast_matches_torchs():
     torch.manual_seed(0)
@@ -868,13 +961,17 @@ def test_the_decoders_transposed_convolution_under_bf16_autocast_matches_torchs(
     for a, b in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad), (x.grad, xr.grad)):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
+
 @pytest.mark.parametrize('n,nrow', [(16, 16), (64, 8), (10, 4), (3, 8)])
+
+
 def test_image_grid_equals_torchvisions_make_grid(n, nrow):
     from torchvision.utils import make_grid
     x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1    # clamped to [0, 1]
     want = make_grid(x.clamp(0, 1), nrow=nrow, padding=2, pad_value=0.5)[0].numpy()
     got = utils.grid(x, nrow)
     assert got.shape == want.shape and (got == want).all()
+
 
 def test_idx_files_are_read_with_their_shape(tmp_path):
     """MNIST's idx format: a magic number whose last byte is the number of dimensions, the sizes
@@ -885,8 +982,11 @@ def test_idx_files_are_read_with_their_shape(tmp_path):
     got = vae.read_idx(str(path))
     assert got.dtype == torch.uint8 and torch.equal(got, x)
 
+
 @pytest.mark.parametrize('latent_dim', [2, 32])
 @pytest.mark.parametrize('dist', ALL)
+
+
 def test_shapes(dist, latent_dim):
     model = vae.build({'dist': dist, 'latent_dim': latent_dim, 'bins': 256, 'sigma': 0.1})
     x = model.lik.data(random_x8(5, 1, 28, 28))
@@ -902,11 +1002,15 @@ def test_shapes(dist, latent_dim):
         s = model.lik.sample(h[0])
         assert s.min() >= 0 and s.max() <= 1
 
+
 def test_categorical_bins_set_the_head():
     model = vae.build({'dist': 'categorical', 'latent_dim': 2, 'bins': 10, 'sigma': 0.1})
     assert model.lik.head.out_features == 10
 
+
 @pytest.mark.parametrize('dist', ALL)
+
+
 def test_reconstruction_gradient_reaches_encoder_through_z(dist):
     """Only the reconstruction term (no KL): it reaches the encoder only through
     z = mu + sigma * eps, so both the mean and the log-variance rows must get gradient."""
@@ -918,7 +1022,10 @@ def test_reconstruction_gradient_reaches_encoder_through_z(dist):
     assert g[:4].abs().sum() > 0 and g[4:].abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
+
 @pytest.mark.parametrize('sigma', [0.1, 0.5])
+
+
 def test_fixed_gaussian_mse_loss_is_affine_in_negative_elbo(sigma):
     """With lambda = sigma^2 / N: loss = (2 sigma^2 / N) (-ELBO) - sigma^2 log(2 pi sigma^2),
     per example, for the same draws of z (L = 3)."""
@@ -944,6 +1051,7 @@ def test_unknown_dist_lists_the_valid_names(capsys):
     assert e.value.code == 2 and "invalid choice: 'poisson'" in err
     assert all(name in err for name in ALL)
 
+
 def test_missing_data_gives_one_line(tmp_path, monkeypatch):
     import torchvision
     monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', ['http://127.0.0.1:9/'])  # offline
@@ -953,6 +1061,7 @@ def test_missing_data_gives_one_line(tmp_path, monkeypatch):
     assert msg.startswith('error: ') and '\n' not in msg
     assert all(f in msg for f in vae.MNIST_FILES) and str(tmp_path / 'MNIST' / 'raw') in msg
     assert not (tmp_path / 'run').exists() and os.listdir(tmp_path) == []   # no MNIST/raw/ left behind
+
 
 def damaged_mnist(tmp_path, how):
     """The four MNIST files, damaged: the training images truncated, replaced by random pixels
@@ -1011,7 +1120,10 @@ BAD_INPUT = {   # case: (flags, what the one line must say)
     'unknown fit': (['--dist', 'gaussian', '--fit', 'exact'], "invalid choice: 'exact'"),
 }
 
+
 @pytest.mark.parametrize('case', list(BAD_INPUT))
+
+
 def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, synthetic_mnist, monkeypatch, capsys):
     """train.py's command line, in-process: exit status non-zero, one line on stderr naming
     the problem, and no output directory made or file changed."""
@@ -1038,7 +1150,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, synthetic_
     assert code != 0 and msg.count('\n') == 0 and 'error: ' in msg and says in msg, msg
     assert not (tmp_path / 'run').exists() and (tmp_path / 'a-file').read_text() == 'keep me'
 
+
 @pytest.mark.parametrize('dist', ALL)
+
+
 def test_log_prob_and_gradient_stay_finite_at_extreme_parameters(dist):
     """The floors and clamps: decoder features far out (head outputs in the hundreds) on
     black, white and random images give a finite log-likelihood and a finite gradient."""
@@ -1051,6 +1166,7 @@ def test_log_prob_and_gradient_stay_finite_at_extreme_parameters(dist):
         lp = lik.log_prob(h, x)
         lp.sum().backward()
         assert torch.isfinite(lp).all() and torch.isfinite(h.grad).all(), (dist, scale)
+
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypatch, synthetic_mnist):
     calls = {'n': 0}
@@ -1072,8 +1188,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypat
     last = torch.load(out / 'last.pt', weights_only=True)
     assert last['epoch'] == 1 and last['best_epoch'] == 1 and last['best_state'] is not None
 
+
 @pytest.mark.parametrize('dist,fit', [('categorical', None), ('gaussian', 'discrete'), ('gaussian', 'gray'),
                                       ('beta', 'discrete'), ('beta', 'dequantised')])
+
+
 def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(dist, fit):
     """val_nelbo_8bit_bpd = -(E_q log P(x8|z) - KL) / (784 ln 2) with the exact 8-bit score, from
     the same fixed-seed z: for categorical (256 levels) and a density fit to its bins the ELBO of
@@ -1091,6 +1210,7 @@ def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(dist, fit):
     assert m['val_nelbo_8bit_bpd'] == pytest.approx(want, rel=1e-5)
     assert math.isclose(-m['val_elbo_nats'] / vae.BITS, want, rel_tol=1e-5) == (fit in (None, 'discrete'))
 
+
 def test_precision_auto_follows_the_hardware_and_a_resume_keeps_the_runs_precision(tmp_path, monkeypatch, synthetic_mnist):
     out = tmp_path / 'run'
     flags = ['--data-dir', synthetic_mnist, '--out-dir', str(out), '--subset', '128', '--batch-size', '128', '--latent-dim', '2']
@@ -1104,6 +1224,7 @@ def test_precision_auto_follows_the_hardware_and_a_resume_keeps_the_runs_precisi
     assert torch.load(out / 'model.pt', weights_only=True)['args']['precision'] == 'bf16'
     with pytest.raises(SystemExit, match='written with --precision bf16, this run has --precision fp32'):
         train.train(train.parse_args(flags + ['--epochs', '2', '--resume', '--precision', 'fp32']))
+
 
 def test_patience_stops_early_keeps_the_best_and_resume_honours_it(tmp_path, monkeypatch, synthetic_mnist):
     elbos = iter([-100.0, -99.0, -99.5, -99.7, -98.0, -97.0])
@@ -1149,6 +1270,7 @@ def tiny_vae(seed=0):
     torch.manual_seed(seed)
     return vae.VAE(lik_of('bernoulli'), latent_dim=4)
 
+
 def test_iwae_with_one_sample_is_the_elbo_of_its_draw_and_equals_the_elbo_on_average():
     model, x = tiny_vae(), torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
     bound, log_px, kl = vae.iwae_terms(model, x, 1, torch.Generator().manual_seed(2))
@@ -1163,6 +1285,7 @@ def test_iwae_with_one_sample_is_the_elbo_of_its_draw_and_equals_the_elbo_on_ave
     gap = (draws - elbo).mean(0)       # the single-draw KL estimate minus the closed form: mean 0
     assert (gap.abs() < 4 * (draws - elbo).std(0) / 20).all()
 
+
 def test_the_k_sample_bound_is_above_the_elbo_and_grows_with_k():
     model, x = tiny_vae(), torch.bernoulli(torch.full((16, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -1173,6 +1296,7 @@ def test_the_k_sample_bound_is_above_the_elbo_and_grows_with_k():
         elbo = torch.stack([r[1] - r[2] for r in runs]).mean().item()
     assert elbo < means[5] < means[50] and means[1] < means[5]
     assert means[1] == pytest.approx(elbo, abs=0.02 * abs(elbo))
+
 
 def test_an_iwae_step_reaches_the_encoder_and_reports_the_elbo():
     model = tiny_vae()
@@ -1187,6 +1311,7 @@ def test_an_iwae_step_reaches_the_encoder_and_reports_the_elbo():
     torch.testing.assert_close(loss, -bound.mean().detach())
     torch.testing.assert_close(elbo, (log_px - kl).detach())
     assert bound.mean() > elbo.mean()
+
 
 def test_train_with_the_iwae_objective_records_it_and_resume_refuses_a_change(tmp_path, synthetic_mnist):
     out = tmp_path / 'run'
@@ -1209,6 +1334,7 @@ def test_train_with_the_iwae_objective_records_it_and_resume_refuses_a_change(tm
         train.parse_args(flags + ['--kl-weight', '0.5'])      # the KL weight is an ELBO device
     assert train.parse_args(['--objective', 'iwae']).out_dir == os.path.join('runs', 'iwae5', 'bernoulli-z32-s0')
 
+
 def test_a_run_from_before_the_objective_flags_resumes(tmp_path, synthetic_mnist):
     out = tmp_path / 'run'
     flags = ['--data-dir', synthetic_mnist, '--out-dir', str(out), '--subset', '128', '--batch-size', '64', '--latent-dim', '2']
@@ -1223,7 +1349,10 @@ def test_a_run_from_before_the_objective_flags_resumes(tmp_path, synthetic_mnist
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert len(rows) == 2 and ckpt['val_elbo_nats'] == pytest.approx(max(float(r['val_elbo_nats']) for r in rows), abs=1e-3)
 
+
 @pytest.mark.parametrize('bins', [256, 16, 2, 7])
+
+
 def test_bits_per_dim_of_a_uniform_categorical(bins):
     """Uniform over K bins: 8 bits/dim exactly when K divides 256 (each 8-bit value gets
     1/256); for K = 7 each value of bin b gets 1/(7 |b|), computed here by counting."""
@@ -1239,6 +1368,7 @@ def test_bits_per_dim_of_a_uniform_categorical(bins):
     torch.testing.assert_close(bpd, want, rtol=1e-5, atol=1e-5)
     if 256 % bins == 0:
         torch.testing.assert_close(bpd, torch.full((4,), 8.0), rtol=1e-5, atol=1e-5)
+
 
 def test_dequantised_bound_is_above_the_exact_discrete_nll():
     """Gaussian decoder on 8 small images: -E_u[log p((v + u)/256)] + 16 log 256 (E_u by the
@@ -1265,6 +1395,7 @@ def test_dequantised_bound_is_above_the_exact_discrete_nll():
     torch.testing.assert_close(exact, -mass.log().flatten(1).sum(1), rtol=1e-5, atol=1e-3)
     assert torch.isfinite(exact).all() and (bound > exact).all()
 
+
 class ToyDiscretisedGaussian(vae.Likelihood):
     """An eighth likelihood defined in this file alone: a Normal discretised to the 256 levels
     (bins of width 1/255 around each level, the tails in the end levels)."""
@@ -1287,6 +1418,7 @@ class ToyDiscretisedGaussian(vae.Likelihood):
     def sample(self, h):
         return torch.round(self(h).sample().clamp(0, 1) * 255) / 255
 
+
 def test_the_compare_estimate_adds_training_and_evaluation_from_the_first_epoch():
     """8 runs of 20 epochs at 30 s; validation took 12 s for 10,000 images, so one draw costs
     1.2 ms, and each run's evaluation (k = 100 on 10,000, the k-curve 1000 on 1,000) 2,000,000
@@ -1299,6 +1431,7 @@ def test_the_compare_estimate_adds_training_and_evaluation_from_the_first_epoch(
     iw = train.parse_args(['--objective', 'iwae', '--iw-samples', '5', '--epochs', '20', '--compare-plan', '8', '100',
                            '10000', '1000'])    # its validation drew 1 + 5 samples per image: 12 s is 0.2 ms a draw
     assert '5 h 20 min' in train.compare_estimate(iw, {'seconds': 30.0, 'eval_seconds': 72.0}, 10000)
+
 
 def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, synthetic_mnist, tmp_path, capsys):
     """Registered here, the toy and its option (--std-floor) train through train.py, resume, and
@@ -1325,10 +1458,12 @@ def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, syn
     assert float(row['nll_8bit_nats']) == -float(row['iwae_nats'])
     assert 'toy' in capsys.readouterr().out
 
+
 def half_kl_objective(model, x, args, dtype=None):
     """A third objective defined in this file alone: the negative ELBO with its KL halved."""
     log_px, kl, h = vae.elbo_terms(model, x, args.samples, dtype=dtype)
     return -(log_px - kl / 2), log_px - kl
+
 
 def test_a_new_objective_needs_one_function_and_one_registry_line(monkeypatch, synthetic_mnist, tmp_path):
     """Registered here, the toy objective trains through train.py, resumes, and is compared
@@ -1349,6 +1484,7 @@ def test_a_new_objective_needs_one_function_and_one_registry_line(monkeypatch, s
               '--n-curve', '2'])
     row = next(csv.DictReader(open(tmp_path / 'res' / 'likelihoods.csv')))
     assert row['dist'] == 'gaussian-halfkl' and 0 < float(row['bits_per_dim']) < 20
+
 
 def test_mean_ci_over_seeds():
     assert cmp.mean_ci([2.0]) == (2.0, None, None)
@@ -1375,6 +1511,7 @@ def test_knn_accuracy_on_separated_clusters_and_on_shuffled_labels():
     assert plot_latent.knn_accuracy(line, torch.tensor([1, 1, 2, 1, 2]), k=2) == 1.0
     assert plot_latent.knn_accuracy(line, torch.tensor([2, 1, 2, 1, 2]), k=2) == 0.8
 
+
 def test_manifold_grid_sits_at_prior_quantiles():
     from statistics import NormalDist
     n = 20
@@ -1392,6 +1529,7 @@ def test_manifold_grid_sits_at_prior_quantiles():
     torch.testing.assert_close(z6 @ basis, z.view(-1, 2), rtol=0, atol=1e-5)
     torch.testing.assert_close(z6 - z6 @ basis @ basis.T, torch.zeros(n * n, 6), rtol=0, atol=1e-5)
 
+
 def test_pca_plane_finds_the_main_directions():
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(500, 1, generator=gen), torch.randn(500, 1, generator=gen)
@@ -1403,6 +1541,7 @@ def test_pca_plane_finds_the_main_directions():
     torch.testing.assert_close(basis, torch.stack([e[1], e[3]], 1), rtol=0, atol=1e-3)  # signs: largest loading > 0
     assert 'latent dim 5' in note and 'principal components' in note and '(100% of its variance)' in note
     assert plot_latent.plane(mu[:, :2])[1] is None and torch.equal(plot_latent.plane(mu[:, :2])[0], torch.eye(2))
+
 
 def bad_checkpoint(tmp_path, kind):
     path = tmp_path / 'model.pt'
@@ -1417,9 +1556,12 @@ def bad_checkpoint(tmp_path, kind):
         path.write_text('not a checkpoint\n')
     return path
 
+
 @pytest.mark.parametrize('kind,says', [('missing', 'no such checkpoint'), ('foreign', 'not a checkpoint written by'),
                                        ('pickle', 'weights_only=True'), ('truncated', 'not a readable PyTorch file'),
                                        ('text', 'not a readable PyTorch file')])
+
+
 def test_plot_latent_bad_checkpoint_is_one_line(tmp_path, kind, says):
     path = bad_checkpoint(tmp_path, kind)
     with pytest.raises(SystemExit) as e:
@@ -1443,6 +1585,7 @@ def test_concurrent_atomic_writes_to_one_path_never_collide(tmp_path):
     got = list(csv.DictReader(open(path)))
     assert len(got) == 50 and len({r['a'] for r in got}) == 1 and os.listdir(tmp_path) == ['metrics.csv']
 
+
 def test_resume_on_another_kind_of_device_says_so_and_finishes(tmp_path, synthetic_mnist, capsys):
     """A last.pt whose shuffling generator was a CUDA one (its state cannot enter a CPU
     generator) resumes on the CPU with a one-line note instead of crashing."""
@@ -1456,6 +1599,7 @@ def test_resume_on_another_kind_of_device_says_so_and_finishes(tmp_path, synthet
     train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith('note: last.pt was saved on cuda')]
     assert len(notes) == 1 and 'differ from an uninterrupted run' in notes[0] and len(metric_values(out)) == 2
+
 
 def test_after_the_first_interrupt_the_next_one_exits_at_once(monkeypatch):
     """A second Ctrl-C or SIGTERM cannot land in the clean-up or the exit of the first: from the
@@ -1491,6 +1635,8 @@ def test_after_the_first_interrupt_the_next_one_exits_at_once(monkeypatch):
 
 
 @pytest.mark.parametrize('bf16', ['in hardware', 'emulated', 'emulated, forced'])
+
+
 def test_bench_measures_bf16_only_where_the_hardware_has_it_and_any_peak_agrees(bf16, synthetic_mnist, tmp_path,
                                                                                monkeypatch, capsys):
     """What the machine reports is patched: bf16 in hardware or not, and a GEMM peak of 0.2 GFLOP/s

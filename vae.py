@@ -707,31 +707,47 @@ def chunk(device):
     return 256 if device.type == 'cpu' else 8192
 
 
+class Estimate(NamedTuple):
+    """What the estimators return, per image: log_weights the importance weights
+    log p(., z_i) - log q(z_i|x) (K, B), importance_log_px their IWAE estimates (n,), of the
+    likelihood's data (data), of the 8-bit images (exact8: exact; None without x8 or an 8-bit
+    score) and of the dequantisation bound (bound, None without xdeq); with the K-sample mean of
+    log p(x|z) (recon), the closed-form KL and the posterior means mu (n, D)."""
+    data: torch.Tensor
+    exact8: torch.Tensor = None
+    bound: torch.Tensor = None
+    recon: torch.Tensor = None
+    kl: torch.Tensor = None
+    mu: torch.Tensor = None
+
+    @property
+    def ranked(self):
+        """The exact 8-bit estimate where there is one (what comparisons rank), else the data's."""
+        return self.data if self.exact8 is None else self.exact8
+
+
 @torch.inference_mode()
 def log_weights(model, x, k, generator=None, x8=None, xdeq=None):
-    """Importance weights log p(., z_i) - log q(z_i|x) of k draws z_i ~ q(z|x), x (B, 1, 28, 28)
-    the likelihood's data: {'data': with log p(x|z); '8bit': with the exact log P(x8|z) of the
-    8-bit images x8, where given and the likelihood has one; 'bound': with the dequantisation
-    bound log p(xdeq|z) - 784 log 256, where xdeq is given}, each (k, B). Also the k-sample
-    mean of log p(x|z) (B,), the closed-form KL (B,) and the posterior means (B, D)."""
+    """Importance weights of k draws z_i ~ q(z|x), x (B, 1, 28, 28) the likelihood's data, x8 its
+    8-bit images, xdeq a dequantisation of them (the bound's data, log p(xdeq|z) - 784 log 256):
+    an Estimate of (k, B) weights."""
     mu, logvar = model.encode(x)                          # (B, D)
     kc = max(1, min(k, chunk(x.device) // x.shape[0]))    # draws per decoder call
-    lw, log_px = {}, 0.0
+    own = xdeq is not None and torch.equal(xdeq, x)       # a dequantised density's own data: its log p is lpx
+    data, exact8, bound, recon = [], [], [], 0.0
     for s in range(0, k, kc):
         z = reparameterize(mu, logvar, min(kc, k - s), generator)   # (c, B, D)
         h = model.decode(z)                                         # (c, B, 28, 28, F)
         log_prior = log_prior_ratio(z, mu, logvar)                  # (c, B)
         lpx = model.lik.log_prob(h, x)                              # (c, B)
-        scores = {'data': lpx}
-        if x8 is not None:
-            scores['8bit'] = model.lik.log_prob_8bit(h, x8, lpx)
-        if xdeq is not None:   # a dequantised density's own data is this dequantisation: its log p is lpx
-            scores['bound'] = (lpx if xdeq is x else model.lik.log_density(h, xdeq)) - N_PIXELS * LOG256
-        for key, lp in scores.items():
-            if lp is not None:
-                lw.setdefault(key, []).append(lp + log_prior)
-        log_px = log_px + lpx.sum(0)
-    return {key: torch.cat(v) for key, v in lw.items()}, log_px / k, kl_normal(mu, logvar), mu
+        data.append(lpx + log_prior)
+        lp8 = None if x8 is None else model.lik.log_prob_8bit(h, x8, lpx)
+        if lp8 is not None:
+            exact8.append(lp8 + log_prior)
+        if xdeq is not None:
+            bound.append((lpx if own else model.lik.log_density(h, xdeq)) - N_PIXELS * LOG256 + log_prior)
+        recon = recon + lpx.sum(0)
+    return Estimate(*(torch.cat(v) if v else None for v in (data, exact8, bound)), recon / k, kl_normal(mu, logvar), mu)
 
 
 def iwae(lw, k):
@@ -742,22 +758,16 @@ def iwae(lw, k):
 
 
 def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
-    """log p by importance sampling (IWAE, k draws) for every image, in batches: a dict of
-    (n,) estimates with the keys of log_weights; also the k-sample mean of log p(x|z), the
-    closed-form KL (n,) and the posterior means (n, D)."""
+    """log p by importance sampling (IWAE, k draws) of every image, in batches: an Estimate of
+    (n,) estimates (see log_weights)."""
     from tqdm import tqdm
     c = chunk(x.device)
     b = max(1, c // min(k, c))
-    parts = []
-    for s in range(0, x.shape[0], b):
-        xb = x[s:s + b]        # xdeq is x: the same batch object, so log_weights reuses log p(x|z)
-        parts.append((xb, None if x8 is None else x8[s:s + b],
-                      None if xdeq is None else xb if xdeq is x else xdeq[s:s + b]))
-    out = [log_weights(model, xb, k, generator, x8b, xdb)
-           for xb, x8b, xdb in tqdm(parts, 'log p(x)', leave=False, disable=None)]
-    lw, log_px, kl, mu = zip(*out)
-    est = {key: iwae(torch.cat([w[key] for w in lw], 1), k) for key in lw[0]}
-    return est, torch.cat(log_px), torch.cat(kl), torch.cat(mu)
+    cut = lambda t, s: None if t is None else t[s:s + b]     # noqa: E731
+    parts = [log_weights(model, x[s:s + b], k, generator, cut(x8, s), cut(xdeq, s))
+             for s in tqdm(range(0, x.shape[0], b), 'log p(x)', leave=False, disable=None)]
+    est = [None if w[0] is None else iwae(torch.cat(w, 1), k) for w in zip(*(p[:3] for p in parts))]
+    return Estimate(*est, *(torch.cat(v) for v in zip(*(p[3:] for p in parts))))
 
 
 def model_name(args, lik):
