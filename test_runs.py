@@ -28,8 +28,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize('grad', [False, True])
-
-
 def test_a_compiled_loop_equals_its_eager_function(monkeypatch, grad):
     """torch.compile's fused C++ (or Triton) loop computes what the eager function does, with and
     without the derivatives; compiled at 4 series terms, the first-bin loop only, so that a cold
@@ -107,8 +105,6 @@ def test_same_seed_same_flags_give_identical_metrics(reference_run, tmp_path, mn
 
 
 @pytest.mark.parametrize('sig', ['SIGKILL', 'SIGTERM', 'SIGINT'])
-
-
 def test_a_run_killed_mid_epoch_and_resumed_matches_the_uninterrupted_run(reference_run, tmp_path, mnist_dir, sig):
     import signal
     import time
@@ -385,8 +381,6 @@ FAILURES = {   # a patch that makes the resumed run fail as a machine would, and
 
 
 @pytest.mark.parametrize('case', list(FAILURES))
-
-
 def test_a_failing_machine_gives_one_line_and_keeps_the_finished_run(finished_run, mnist_dir, case):
     """A finished run continued with --resume on a disk that fills up halfway through every file,
     or out of memory: one line, exit 1, the run's files byte-identical, no temporary file left."""
@@ -404,8 +398,6 @@ def test_a_failing_machine_gives_one_line_and_keeps_the_finished_run(finished_ru
     ('plot_latent.py', ['--ckpt', '{run}', '--all', '{out}/all.png']),
     ('bench.py', ['--out', '{out}/bench.csv', '--dists', 'bernoulli']),
 ])
-
-
 def test_an_unwritable_output_is_refused_before_the_long_work(reference_run, tmp_path, mnist_dir, script, args):
     out = '/sys/results' if os.geteuid() == 0 else str(tmp_path / 'readonly' / 'results')   # root ignores permissions
     if os.geteuid() != 0:
@@ -438,8 +430,6 @@ except KeyboardInterrupt:
 
 
 @pytest.mark.parametrize('delay', [0.5, 1.2, 3.0])
-
-
 def test_ctrl_c_twice_at_any_moment_is_one_line(tmp_path, mnist_dir, delay):
     """Ctrl-C twice in a row during the imports (0.3 s), then later (data loading, set-up or the
     first epoch, depending on the machine): exit status 130, no traceback, one line (or the

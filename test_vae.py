@@ -64,8 +64,6 @@ def reference(dist, params, x, lik):
 
 
 @pytest.mark.parametrize('dist', [d for d in ALL if not d.startswith('logistic')])
-
-
 def test_log_prob_matches_torch_distributions(dist):
     """A density's log_prob on gray values (--fit gray) is its density's; with the raw std of
     gaussian-shared moved off its initial value, so its own parameter is the one used."""
@@ -135,8 +133,6 @@ def test_logistic_mixture_samples_follow_its_probabilities():
 
 
 @pytest.mark.parametrize('loc,scale', [(0.5, 0.01), (0.02, 0.03), (1.1, 0.2)])
-
-
 def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     """Hand-written sample and mean agree with log_prob: level frequencies of 200,000
     draws match exp(log_prob), and mean matches the sample mean (end levels included)."""
@@ -152,8 +148,6 @@ def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
 
 @pytest.mark.parametrize('dist,bins', [('categorical', 256), ('categorical', 7), ('categorical', 2),
                                        ('logistic', 256), ('logistic-mix', 256)])
-
-
 def test_discrete_likelihoods_sum_to_one(dist, bins):
     """Sum of p over every level of a single pixel is 1, through lik.log_prob (the path
     training uses), for many random heads including extreme parameters."""
@@ -172,8 +166,6 @@ def integrate(logpdf, lo, hi, n=400_001):
 
 
 @pytest.mark.parametrize('dist', ['cbernoulli', 'beta'])
-
-
 def test_unit_interval_densities_integrate_to_one(dist):
     """Integral over [0, 1] of each pixel's density = 1, for 64 random parameter settings.
     Substituting x = sigmoid(y), dx = x (1 - x) dy, removes the Beta's end singularities.
@@ -195,8 +187,6 @@ def test_unit_interval_densities_integrate_to_one(dist):
 
 
 @pytest.mark.parametrize('dist', ['gaussian', 'gaussian-fixed'])
-
-
 def test_gaussian_densities_integrate_to_one(dist):
     """A Gaussian's support is the real line (it puts mass outside [0, 1]): integrate there."""
     lik = lik_of(dist)
@@ -244,8 +234,6 @@ def test_fused_categorical_head_in_bf16_matches_fp32_within_bf16_rounding():
 
 
 @pytest.mark.parametrize('dist', ALL)
-
-
 def test_a_bf16_training_step_matches_fp32_and_keeps_the_sums_in_fp32(dist):
     """The same step under --precision bf16: the loss within 2 % of fp32's, fp32 log-likelihood
     and KL, finite gradients that reach the encoder."""
@@ -277,8 +265,6 @@ def cb(e, dtype=torch.float64):
 
 
 @pytest.mark.parametrize('e', LOGITS)
-
-
 def test_continuous_bernoulli_integrates_to_one_with_its_mean_and_cdf(e):
     """Quadrature (scipy, float64) of the density, of x p(x), and of p up to 0.3."""
     from scipy.integrate import quad
@@ -292,8 +278,6 @@ def test_continuous_bernoulli_integrates_to_one_with_its_mean_and_cdf(e):
 
 
 @pytest.mark.parametrize('e', [-9.9, -5.0, -1.0, -0.3, -1e-3, 1e-3, 0.3, 1.0, 5.0, 9.9])
-
-
 def test_continuous_bernoulli_equals_torch_in_float64_where_its_clamp_is_inactive(e):
     x = torch.linspace(0, 1, 101, dtype=torch.float64)
     t = torch.tensor(e, dtype=torch.float64)
@@ -328,8 +312,6 @@ def test_continuous_bernoulli_is_finite_with_gradients_at_large_logits_in_float3
 
 
 @pytest.mark.parametrize('e', [-100.0, -3.0, 0.0, 0.5, 30.0])
-
-
 def test_continuous_bernoulli_samples_follow_its_cdf(e):
     """Inverse-CDF sampling: icdf(cdf(x)) = x, and 100,000 draws match the CDF (KS distance)."""
     d = cb(e)
@@ -350,8 +332,6 @@ def one_pixel_heads(n=40, seed=0):
 
 
 @pytest.mark.parametrize('dist', [d for d in ALL if vae.LIKELIHOODS[d].density])
-
-
 def test_exact_8bit_bin_probabilities_of_every_density_sum_to_one(dist):
     """Through log_prob_8bit, the path the comparison uses: each of 40 one-pixel decoders
     (tame to extreme parameters) gives its 256 values probabilities summing to 1 (float64)."""
@@ -382,8 +362,6 @@ def test_normal_bins_match_high_precision_cdf_differences():
 
 @pytest.mark.parametrize('a,b,rtol', [(0.05, 3.0, 1e-9), (4.0, 4.0, 1e-9), (1e-3, 1e-3, 1e-9),
                                       (0.5, 300.0, 1e-6), (300.0, 0.5, 1e-6), (2000.0, 3000.0, 1e-6)])
-
-
 def test_beta_bins_match_high_precision_quadrature(a, b, rtol):
     """beta_log_interval against mpmath in 30-digit arithmetic (no underflow): the end bins by
     the regularised incomplete beta, the others by tanh-sinh quadrature on 4 sub-intervals.
@@ -507,8 +485,6 @@ def test_beta_8bit_score_through_its_passes_equals_the_exact_one(monkeypatch):
 
 
 @pytest.mark.parametrize('fails', ['first call', 'second pass'])
-
-
 def test_a_failed_compile_warns_once_and_scores_beta_eagerly(monkeypatch, fails):
     def broken(a, b, lo, hi, at_half):
         if fails == 'first call' or at_half:
@@ -582,8 +558,6 @@ def same_pixels_at_every_level(lik, seed=0):
 
 
 @pytest.mark.parametrize('dist,fit', RECIPES)
-
-
 def test_every_recipe_scores_bin_masses_that_sum_to_one(dist, fit):
     """The 8-bit score of every density under every fit it offers: over the 256 levels the
     masses of each pixel sum to 1 (the images' log-probabilities sum over pixels, so summed over
@@ -601,8 +575,6 @@ def test_every_recipe_scores_bin_masses_that_sum_to_one(dist, fit):
 
 
 @pytest.mark.parametrize('dist,fit', RECIPES)
-
-
 def test_every_recipe_trains_with_finite_gradients(dist, fit):
     """One step of the training loss of every recipe on synthetic digits: finite, and every
     parameter of the likelihood and the networks gets a finite, non-zero gradient somewhere."""
@@ -619,8 +591,6 @@ def test_every_recipe_trains_with_finite_gradients(dist, fit):
 
 
 @pytest.mark.parametrize('dist', [d for d in DENSITIES if 'discrete' in vae.LIKELIHOODS[d].fits])
-
-
 def test_the_discrete_fit_trains_on_the_exact_bin_masses(dist):
     """--fit discrete: log_prob of the gray values v/255 is the exact 8-bit score of v, and
     differentiable; its data are the levels."""
@@ -727,8 +697,6 @@ PEAKED_CASES = [(2.0, 0.3, 255), (40.0, 60.0, 102), (300.0, 700.0, 77)]     # th
 
 @pytest.mark.parametrize('a,b,v,route', [(*c, 'series') for c in SERIES_CASES]
                          + [(*c, 'differences') for c in SERIES_CASES + PEAKED_CASES])
-
-
 def test_beta_bin_gradient_matches_high_precision_derivatives(monkeypatch, a, b, v, route):
     """--fit discrete for beta: d log P(v | a, b) / da and / db through beta_log_interval, against
     mpmath's derivative of its regularised incomplete beta in 30 digits: from the derivative
@@ -775,8 +743,6 @@ def best_masses(lik, v):
 
 
 @pytest.mark.parametrize('dist', DENSITIES)
-
-
 def test_every_density_can_put_999_of_a_pixel_in_the_first_bin_and_the_last(dist):
     """The floors on scales and concentrations leave room where most MNIST pixels are: some
     parameters put at least 0.999 of a pixel's mass into the bin of level 0, some into 255 (a
@@ -787,8 +753,6 @@ def test_every_density_can_put_999_of_a_pixel_in_the_first_bin_and_the_last(dist
 
 
 @pytest.mark.parametrize('dist', ['gaussian', 'gaussian-shared'])
-
-
 def test_the_normal_std_floor_caps_an_interior_bin_only_on_gray_values(dist):
     """A Normal at the middle of level 128's bin with its std at the floor: under the fits to
     bins (0.256 bins) that level can hold 0.95 of the pixel, on gray values (2.56 bins) 0.15."""
@@ -841,8 +805,6 @@ ROWS = [  # scripted validation: the ELBO best at epoch 2, the 8-bit score best 
 @pytest.mark.parametrize('dist,objective,patience,picked,epochs', [
     ('gaussian', 'elbo', 0, 1, 3), ('gaussian', 'elbo', 1, 1, 2), ('gaussian-shared', 'iwae', 0, 1, 3),
     ('logistic', 'elbo', 0, 1, 3), ('bernoulli', 'elbo', 0, 2, 3), ('bernoulli', 'iwae', 0, 3, 3)])
-
-
 def test_the_checkpoint_is_picked_by_the_8bit_score_bernoulli_by_its_objective(dist, objective, patience, picked,
                                                                                epochs, tmp_path, synthetic_mnist,
                                                                                monkeypatch):
@@ -925,8 +887,6 @@ def test_closed_form_kl_matches_torch():
 
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
-
-
 def test_the_decoders_transposed_convolution_equals_torchs_with_its_gradients(layout):
     """vae.ConvTranspose2d (its own weight gradient on the CPU) against nn.ConvTranspose2d in
     float64: outputs and all three gradients, and torch's gradcheck of the backward."""
@@ -963,8 +923,6 @@ def test_the_decoders_transposed_convolution_under_bf16_autocast_matches_torchs(
 
 
 @pytest.mark.parametrize('n,nrow', [(16, 16), (64, 8), (10, 4), (3, 8)])
-
-
 def test_image_grid_equals_torchvisions_make_grid(n, nrow):
     from torchvision.utils import make_grid
     x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1    # clamped to [0, 1]
@@ -985,8 +943,6 @@ def test_idx_files_are_read_with_their_shape(tmp_path):
 
 @pytest.mark.parametrize('latent_dim', [2, 32])
 @pytest.mark.parametrize('dist', ALL)
-
-
 def test_shapes(dist, latent_dim):
     model = vae.build({'dist': dist, 'latent_dim': latent_dim, 'bins': 256, 'sigma': 0.1})
     x = model.lik.data(random_x8(5, 1, 28, 28))
@@ -1009,8 +965,6 @@ def test_categorical_bins_set_the_head():
 
 
 @pytest.mark.parametrize('dist', ALL)
-
-
 def test_reconstruction_gradient_reaches_encoder_through_z(dist):
     """Only the reconstruction term (no KL): it reaches the encoder only through
     z = mu + sigma * eps, so both the mean and the log-variance rows must get gradient."""
@@ -1024,8 +978,6 @@ def test_reconstruction_gradient_reaches_encoder_through_z(dist):
 
 
 @pytest.mark.parametrize('sigma', [0.1, 0.5])
-
-
 def test_fixed_gaussian_mse_loss_is_affine_in_negative_elbo(sigma):
     """With lambda = sigma^2 / N: loss = (2 sigma^2 / N) (-ELBO) - sigma^2 log(2 pi sigma^2),
     per example, for the same draws of z (L = 3)."""
@@ -1122,8 +1074,6 @@ BAD_INPUT = {   # case: (flags, what the one line must say)
 
 
 @pytest.mark.parametrize('case', list(BAD_INPUT))
-
-
 def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, synthetic_mnist, monkeypatch, capsys):
     """train.py's command line, in-process: exit status non-zero, one line on stderr naming
     the problem, and no output directory made or file changed."""
@@ -1152,8 +1102,6 @@ def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, synthetic_
 
 
 @pytest.mark.parametrize('dist', ALL)
-
-
 def test_log_prob_and_gradient_stay_finite_at_extreme_parameters(dist):
     """The floors and clamps: decoder features far out (head outputs in the hundreds) on
     black, white and random images give a finite log-likelihood and a finite gradient."""
@@ -1191,8 +1139,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(tmp_path, monkeypat
 
 @pytest.mark.parametrize('dist,fit', [('categorical', None), ('gaussian', 'discrete'), ('gaussian', 'gray'),
                                       ('beta', 'discrete'), ('beta', 'dequantised')])
-
-
 def test_the_8bit_validation_curve_is_the_exact_elbo_in_bits_per_dim(dist, fit):
     """val_nelbo_8bit_bpd = -(E_q log P(x8|z) - KL) / (784 ln 2) with the exact 8-bit score, from
     the same fixed-seed z: for categorical (256 levels) and a density fit to its bins the ELBO of
@@ -1351,8 +1297,6 @@ def test_a_run_from_before_the_objective_flags_resumes(tmp_path, synthetic_mnist
 
 
 @pytest.mark.parametrize('bins', [256, 16, 2, 7])
-
-
 def test_bits_per_dim_of_a_uniform_categorical(bins):
     """Uniform over K bins: 8 bits/dim exactly when K divides 256 (each 8-bit value gets
     1/256); for K = 7 each value of bin b gets 1/(7 |b|), computed here by counting."""
@@ -1560,8 +1504,6 @@ def bad_checkpoint(tmp_path, kind):
 @pytest.mark.parametrize('kind,says', [('missing', 'no such checkpoint'), ('foreign', 'not a checkpoint written by'),
                                        ('pickle', 'weights_only=True'), ('truncated', 'not a readable PyTorch file'),
                                        ('text', 'not a readable PyTorch file')])
-
-
 def test_plot_latent_bad_checkpoint_is_one_line(tmp_path, kind, says):
     path = bad_checkpoint(tmp_path, kind)
     with pytest.raises(SystemExit) as e:
@@ -1635,8 +1577,6 @@ def test_after_the_first_interrupt_the_next_one_exits_at_once(monkeypatch):
 
 
 @pytest.mark.parametrize('bf16', ['in hardware', 'emulated', 'emulated, forced'])
-
-
 def test_bench_measures_bf16_only_where_the_hardware_has_it_and_any_peak_agrees(bf16, synthetic_mnist, tmp_path,
                                                                                monkeypatch, capsys):
     """What the machine reports is patched: bf16 in hardware or not, and a GEMM peak of 0.2 GFLOP/s
