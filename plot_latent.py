@@ -28,6 +28,7 @@ if __name__ == '__main__':
 import argparse  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import torch  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
@@ -72,17 +73,35 @@ def plane(mu):
                           f'({100 * explained:.0f}% of its variance)')
 
 
+class View(NamedTuple):
+    """What the figures show of the means mu (n, D): points (n, 2); the basis (D, k) of the
+    manifold's k directions; the two axes' names (short), as the scatter labels them and as the
+    manifold does; the points the kNN vote uses; what the side-by-side panel adds to its title;
+    a note on the view (None for D = 2)."""
+    points: torch.Tensor
+    basis: torch.Tensor
+    names: tuple
+    scatter_axes: tuple
+    manifold_axes: tuple
+    knn_points: torch.Tensor
+    where: str = ''
+    note: str = None
+
+
 def coordinates(mu, labels):
-    """What the figures show of the means mu (n, D): the points (n, 2), the basis (D, k) of the
-    manifold's k directions, the names of the two axes and a note on them (None for D = 2).
-    D = 2: the latent axes; D > 2: the first two principal components (plane); D = 1: mu against
-    the digit, jittered, so that the classes stand apart."""
+    """The View of the means mu (n, D): D = 2, the latent axes; D > 2, the first two principal
+    components (plane); D = 1, mu against the digit, jittered, so that the classes stand apart."""
     if mu.shape[1] == 1:
         jitter = torch.rand(len(labels), generator=torch.Generator().manual_seed(vae.EVAL_SEED)) - 0.5
-        return (torch.stack([mu[:, 0], labels.float() + 0.6 * jitter], 1), torch.ones(1, 1), ('z1', 'digit (jittered)'),
-                'latent dim 1: mu(x) against the digit, jittered vertically')
+        points = torch.stack([mu[:, 0], labels.float() + 0.6 * jitter], 1)
+        names = ('z1', 'digit (jittered)')
+        return View(points, torch.ones(1, 1), names, ('z1 = mu_1(x)', names[1]), names, mu[:, :1],
+                    ' (1-D: mu vs digit)', 'latent dim 1: mu(x) against the digit, jittered vertically')
     basis, note = plane(mu)
-    return mu @ basis, basis, ('PC 1', 'PC 2') if note else ('z1', 'z2'), note
+    if note is None:
+        return View(mu @ basis, basis, ('z1', 'z2'), ('z1 = mu_1(x)', 'z2 = mu_2(x)'), ('z1', 'z2'), mu @ basis)
+    return View(mu @ basis, basis, ('PC 1', 'PC 2'), ('PC 1 of mu(x)', 'PC 2 of mu(x)'),
+                ('PC 1 direction', 'PC 2 direction'), mu @ basis, ' (first two PCs)', note)
 
 
 def manifold_latents(n, basis):
@@ -133,21 +152,19 @@ def scatter(ax, points, labels, title):
     ax.grid(alpha=0.3)
 
 
-def latent_figure(points, labels, title, names):
+def latent_figure(points, labels, title, axes):
     plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(7, 6.4))
     scatter(ax, points, labels, title)
-    def label(name, i):        # what the coordinate is: z_i = mu_i(x), a PC of mu(x), or the digit
-        return name if name.startswith('digit') else f'{name} of mu(x)' if name.startswith('PC') else f'{name} = mu_{i}(x)'
-    ax.set_xlabel(label(names[0], 1))
-    ax.set_ylabel(label(names[1], 2))
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.legend(title='digit', markerscale=3, fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
 
 
 @torch.inference_mode()
-def manifold_figure(model, basis, n, title, names):
+def manifold_figure(model, basis, n, title, axes):
     """n x n decoder means over the prior's quantiles along the two basis directions, or one
     row of n along a single direction (a 1-D latent)."""
     plt = utils.pyplot()
@@ -161,10 +178,10 @@ def manifold_figure(model, basis, n, title, names):
     ax.imshow(canvas.clamp(0, 1).numpy(), cmap='gray', vmin=0, vmax=1)
     ticks = list(range(0, n, max(1, n // 5))) + [n - 1]
     ax.set_xticks([28 * j + 13.5 for j in ticks], [f'{q[j]:.2f}' for j in ticks])
-    ax.set_xlabel(f'{names[0]} direction' if names[0].startswith('PC') else names[0], fontsize=9)
+    ax.set_xlabel(axes[0], fontsize=9)
     if rows > 1:
         ax.set_yticks([28 * i + 13.5 for i in ticks], [f'{q[n - 1 - i]:.2f}' for i in ticks])
-        ax.set_ylabel(f'{names[1]} direction' if names[1].startswith('PC') else names[1], fontsize=9)
+        ax.set_ylabel(axes[1], fontsize=9)
     else:
         ax.set_yticks([])
     ax.set_title(title, fontsize=9)
@@ -178,13 +195,12 @@ def all_figure(panels, labels, n):
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows + 0.6), squeeze=False)
-    for ax, (name, points, names, note) in zip(axes.flat, panels):
-        acc = knn_accuracy(points[:, :1] if names[1].startswith('digit') else points, labels)   # 1-D: mu alone
-        where = '' if note is None else ' (1-D: mu vs digit)' if names[1].startswith('digit') else ' (first two PCs)'
-        print(f'{name}: {KNN_K}-NN leave-one-out accuracy {acc:.3f}{where}')
-        scatter(ax, points, labels, f'{name}{where}\n{KNN_K}-NN accuracy {100 * acc:.1f}% (leave-one-out)')
-        ax.set_xlabel(names[0], fontsize=8)
-        ax.set_ylabel(names[1], fontsize=8)
+    for ax, (name, view) in zip(axes.flat, panels):
+        acc = knn_accuracy(view.knn_points, labels)
+        print(f'{name}: {KNN_K}-NN leave-one-out accuracy {acc:.3f}{view.where}')
+        scatter(ax, view.points, labels, f'{name}{view.where}\n{KNN_K}-NN accuracy {100 * acc:.1f}% (leave-one-out)')
+        ax.set_xlabel(view.names[0], fontsize=8)
+        ax.set_ylabel(view.names[1], fontsize=8)
     for ax in axes.flat[len(panels):]:
         ax.axis('off')
     handles, names = axes.flat[0].get_legend_handles_labels()
@@ -238,11 +254,11 @@ def main(argv=None):
         a, name = ckpt['args'], run_name(model.lik, ckpt['args'])
         with torch.inference_mode():
             mu = model.encode(vae.eval_data(model.lik, x8[:args.n]).to(device))[0].cpu()   # (n, D)
-        points, basis, names, note = coordinates(mu, labels)                              # (n, 2)
-        if note:
-            print(f'{name}: {note}')
+        view = coordinates(mu, labels)                                                    # points (n, 2)
+        if view.note:
+            print(f'{name}: {view.note}')
         if args.all:
-            panels.append((name, points, names, note))
+            panels.append((name, view))
             continue
         title = f"{a['dist']} likelihood, latent dim {a['latent_dim']}, epochs {a['epochs']} (best at {ckpt['epoch']})"
         if args.n_nll:
@@ -251,15 +267,16 @@ def main(argv=None):
             print(f'{name}: {line}')
             title += '\n' + line
         scatter_title = f'{title}\nencoder means mu(x) of the first {args.n} test digits'
-        shape = f'{args.grid} x {args.grid} grid' if basis.shape[1] == 2 else f'row of {args.grid}'
+        shape = f'{args.grid} x {args.grid} grid' if view.basis.shape[1] == 2 else f'row of {args.grid}'
         manifold_title = f'{title}\ndecoder means on a {shape} of N(0, 1) prior quantiles'
-        if note:
-            scatter_title += f'\n{note}'
-        if names[0] == 'PC 1':
+        if view.note:
+            scatter_title += f'\n{view.note}'
+        if mu.shape[1] > 2:
             manifold_title += '\nalong the first two principal directions of mu(x), 0 along the others'
-        figures[os.path.join(args.out, f'latent_{name}.png')] = latent_figure(points, labels, scatter_title, names)
+        figures[os.path.join(args.out, f'latent_{name}.png')] = latent_figure(view.points, labels, scatter_title,
+                                                                              view.scatter_axes)
         figures[os.path.join(args.out, f'manifold_{name}.png')] = manifold_figure(
-            model, basis, args.grid, manifold_title, names)
+            model, view.basis, args.grid, manifold_title, view.manifold_axes)
     if args.all:
         figures[args.all] = all_figure(panels, labels, args.n)
     for path, fig in figures.items():
