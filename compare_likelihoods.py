@@ -311,6 +311,12 @@ def plot_rows(models, test_x8, out_dir):
         utils.save_png(fig, os.path.join(out_dir, name))
 
 
+def diagnostic_note(row, columns):
+    """A line on a row's likelihood-specific columns {column: what it is} ('' without any)."""
+    return (f"{row['dist']} (seed {row['seed']}): " + '; '.join(f'{what} {row[c]:.2f} nats' for c, what in columns.items())
+            if columns else '')
+
+
 def print_tables(rows, bfs, notes):
     eight = sorted((r for r in rows if r.get('bits_per_dim') is not None), key=lambda r: r['bits_per_dim'])
     r0 = rows[0]
@@ -383,7 +389,7 @@ def main(argv=None):
         rows.append({**row, **info})
         logp8.append(lp8)
         models.setdefault(row['dist'], model)
-        notes.append(model.lik.describe(row))
+        notes.append(diagnostic_note(row, model.lik.diagnostic_columns))
         print(f"{run}: {row['dist']} seed {row['seed']}: IWAE(k={args.k}) {row['iwae_nats']:.2f} nats"
               + (f", {row['bits_per_dim']:.4f} bits/dim (exact)" if 'bits_per_dim' in row else '')
               + (f", bound {row['bound_bits_per_dim']:.4f}" if 'bound_bits_per_dim' in row else '')

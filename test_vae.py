@@ -1430,6 +1430,15 @@ def test_a_new_objective_needs_one_function_and_one_registry_line(monkeypatch, s
     assert row['dist'] == 'gaussian-halfkl' and 0 < float(row['bits_per_dim']) < 20
 
 
+def test_a_likelihoods_own_columns_are_reported_with_what_they_are():
+    row = {'dist': 'cbernoulli', 'seed': 1, 'cb_gray_elbo_nats': -10.0, 'cb_gray_bce_elbo_nats': -12.5}
+    line = cmp.diagnostic_note(row, vae.LIKELIHOODS['cbernoulli'].diagnostic_columns)
+    assert line.startswith('cbernoulli (seed 1): ELBO on gray values with the normalised density -10.00 nats; ')
+    assert line.endswith('missing normaliser) -12.50 nats')
+    assert cmp.diagnostic_note(row, vae.LIKELIHOODS['gaussian'].diagnostic_columns) == ''
+    assert cmp.columns()[-len(cmp.TAIL) - 2:-len(cmp.TAIL)] == ['cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats']
+
+
 def test_mean_ci_over_seeds():
     assert cmp.mean_ci([2.0]) == (2.0, None, None)
     m, lo, hi = cmp.mean_ci([1.0, 2.0, 3.0])     # sd 1; t(0.975, 2 d.o.f.) = 4.3027 (printed tables)

@@ -154,7 +154,7 @@ class Likelihood(nn.Module):
     - options: {name: Option}, the train.py flags it takes (attributes of the same names);
       tag(): the run-name suffix they give;
     - clipped: its means and samples may leave [0, 1] (figures clip them);
-    - diagnostics(): extra evaluation numbers, `diagnostic_columns` of likelihoods.csv."""
+    - diagnostics(): extra evaluation numbers, the `diagnostic_columns` of likelihoods.csv."""
     channels = 1
     default_kl_weight = 1.0
     data_name = 'gray values'
@@ -164,7 +164,7 @@ class Likelihood(nn.Module):
     loss_form = None      # the name of its own training loss (Likelihood.loss) where it has one
     options = {}
     before_options = {}   # what a checkpoint from before an option existed was trained with
-    diagnostic_columns = ()
+    diagnostic_columns = {}   # column of likelihoods.csv -> what it is (diagnostics() computes them)
 
     def __init__(self, features, **options):
         super().__init__()
@@ -229,9 +229,6 @@ class Likelihood(nn.Module):
         """Extra numbers for likelihoods.csv on the test images x8: {column: value}."""
         return {}
 
-    def describe(self, row):
-        """A sentence on its diagnostics in a row of likelihoods.csv ('' if none)."""
-        return ''
 
 
 FITS = {  # --fit: what a density trains on -> the name of that data
@@ -304,7 +301,10 @@ class BernoulliLik(Likelihood):
 
 class ContinuousBernoulliLik(DensityLik):
     """Continuous Bernoulli, exact at any logit (ContinuousBernoulli above)."""
-    diagnostic_columns = ('cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats')
+    diagnostic_columns = {   # column -> what it is, for the comparison's report
+        'cb_gray_elbo_nats': 'ELBO on gray values with the normalised density',
+        'cb_gray_bce_elbo_nats': "with 'Bernoulli on gray values' in its place (unnormalised, not a "
+                                 'log-probability: the gap is the missing normaliser)'}
 
     def dist(self, params):
         return images(ContinuousBernoulli(pixel(params[..., 0]), validate_args=False))
@@ -327,12 +327,6 @@ class ContinuousBernoulliLik(DensityLik):
             proper += (log_px - kl).sum().item()
             bce += (log_bce - kl).sum().item()
         return {'cb_gray_elbo_nats': proper / x8.shape[0], 'cb_gray_bce_elbo_nats': bce / x8.shape[0]}
-
-    def describe(self, row):
-        return (f"{row['dist']} (seed {row['seed']}) on gray values: ELBO {row['cb_gray_elbo_nats']:.2f} nats with the "
-                f"normalised density; {row['cb_gray_bce_elbo_nats']:.2f} with 'Bernoulli on gray values' "
-                f"(unnormalised: not a log-probability; the missing normaliser is "
-                f"{row['cb_gray_elbo_nats'] - row['cb_gray_bce_elbo_nats']:.2f} nats)")
 
 
 class GaussianLik(DensityLik):
