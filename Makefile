@@ -148,7 +148,7 @@ test: | $(VENV)/.installed
 	MNIST_DATA=$(DATA) $(PY) -m pytest -q test_vae.py test_runs.py
 
 test-fast: | $(VENV)/.installed
-	$(PY) -m pytest -q test_vae.py
+	$(PY) -m pytest -q -m 'not slow' test_vae.py
 
 # Rebuilt when requirements.txt changes; order-only below, so that never retrains a model.
 $(VENV)/.installed: requirements.txt

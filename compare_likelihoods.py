@@ -41,7 +41,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from scipy.stats import t as student_t  # noqa: E402
 
 import vae  # noqa: E402
 from utils import number  # noqa: E402
@@ -162,6 +161,7 @@ def mean_ci(values):
     if n < 2:
         return m, None, None
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    from scipy.stats import t as student_t
     t = student_t.ppf(0.975, n - 1)
     return m, m - t * sd / math.sqrt(n), m + t * sd / math.sqrt(n)
 

@@ -216,7 +216,10 @@ def beta_log_interval(a, b, lo, hi):
     if lo.requires_grad or hi.requires_grad:
         raise ValueError('beta_log_interval has no derivative in the edges of its interval')
     a, b, lo, hi = torch.broadcast_tensors(a, b, lo, hi)
-    return _BetaInterval.apply(*(t.double().reshape(-1) for t in (a, b, lo, hi))).view(a.shape)
+    flat = [t.double().reshape(-1) for t in (a, b, lo, hi)]
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _BetaInterval.apply(*flat).view(a.shape)
+    return _log_bins(*flat)[0].view(a.shape)                 # no derivatives wanted: none computed
 
 
 # -----------------------------------------------------------------------------

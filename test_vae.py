@@ -1431,12 +1431,14 @@ def test_a_new_objective_needs_one_function_and_one_registry_line(monkeypatch, s
 
 
 def test_a_likelihoods_own_columns_are_reported_with_what_they_are():
-    row = {'dist': 'cbernoulli', 'seed': 1, 'cb_gray_elbo_nats': -10.0, 'cb_gray_bce_elbo_nats': -12.5}
+    row = {'dist': 'cbernoulli', 'seed': 1, 'cb_gray_elbo_nats': -10.0, 'cb_gray_bce_elbo_nats': -12.5,
+           'cb_gray_normaliser_nats': 2.5}
     line = cmp.diagnostic_note(row, vae.LIKELIHOODS['cbernoulli'].diagnostic_columns)
     assert line.startswith('cbernoulli (seed 1): ELBO on gray values with the normalised density -10.00 nats; ')
-    assert line.endswith('missing normaliser) -12.50 nats')
+    assert '(unnormalised, not a log-probability) -12.50 nats; ' in line and line.endswith('difference 2.50 nats')
     assert cmp.diagnostic_note(row, vae.LIKELIHOODS['gaussian'].diagnostic_columns) == ''
-    assert cmp.columns()[-len(cmp.TAIL) - 2:-len(cmp.TAIL)] == ['cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats']
+    assert cmp.columns()[-len(cmp.TAIL) - 3:-len(cmp.TAIL)] == ['cb_gray_elbo_nats', 'cb_gray_bce_elbo_nats',
+                                                                'cb_gray_normaliser_nats']
 
 
 def test_mean_ci_over_seeds():
