@@ -1,7 +1,8 @@
-"""Shared test fixtures. Two tiers: `make test-fast` runs the tests not marked slow, on small
-synthetic uint8 images (numerics, shapes, every likelihood's contract, the command lines);
-`make test` runs all, the slow ones on real MNIST from $MNIST_DATA (end-to-end runs, resume,
-signals, the Makefile, the bench, torch.compile)."""
+"""Shared test fixtures and helpers. Two files: test_vae.py, fast, on small synthetic uint8 images
+(numerics, shapes, every likelihood's contract, the command lines: `make test-fast`), and
+test_runs.py, slow, on real MNIST from $MNIST_DATA (end-to-end runs, resume, signals, the
+Makefile, the bench, torch.compile). `make test` runs both. A test that needs MNIST is marked
+slow wherever it is."""
 import csv
 import os
 
