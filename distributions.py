@@ -126,7 +126,8 @@ class DiscretizedLogistic(Distribution):
         lower = (k / 255 - self.half - self.loc) * inv
         # sigmoid(u) - sigmoid(l) = sigmoid(-l) - sigmoid(-u): taken on the side of 0 where both are small
         flip = upper + lower > 0
-        middle = log_sub_exp(F.logsigmoid(torch.where(flip, -lower, upper)), F.logsigmoid(torch.where(flip, -upper, lower)))
+        middle = log_sub_exp(F.logsigmoid(torch.where(flip, -lower, upper)),
+                             F.logsigmoid(torch.where(flip, -upper, lower)))
         first = F.logsigmoid(upper)   # level 0: P(X < 1/510)
         last = F.logsigmoid(-lower)   # level 255: P(X > 1 - 1/510)
         return torch.where(k <= 0, first, torch.where(k >= 255, last, middle))

@@ -16,7 +16,7 @@ import vae
 
 RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'samples.png')
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
-NEWER_FLAGS = ('objective', 'iw_samples', 'val_subset')   # absent from an older last.pt (likelihood options: their defaults)
+NEWER_FLAGS = ('objective', 'iw_samples', 'val_subset')   # absent from an older last.pt (options: their defaults)
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
 
 

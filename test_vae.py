@@ -1371,7 +1371,7 @@ def test_the_compare_estimate_adds_training_and_evaluation_from_the_first_epoch(
     said = train.compare_estimate(args, {'seconds': 30.0, 'eval_seconds': 12.0}, 10000)
     assert 'about 6 h 40 min' in said and '8 runs of at most 20 epochs at 30 s' in said and 'bernoulli run' in said
     assert '1 h 20 min' in said and '5 h 20 min' in said                       # training, evaluation
-    assert '--compare-plan' not in rundir.command(args, train.make_parser())                         # not a flag a resume needs
+    assert '--compare-plan' not in rundir.command(args, train.make_parser())    # not a flag a resume needs
     iw = train.parse_args(['--objective', 'iwae', '--iw-samples', '5', '--epochs', '20', '--compare-plan', '8', '100',
                            '10000', '1000'])    # its validation drew 1 + 5 samples per image: 12 s is 0.2 ms a draw
     assert '5 h 20 min' in train.compare_estimate(iw, {'seconds': 30.0, 'eval_seconds': 72.0}, 10000)

@@ -93,7 +93,8 @@ def parse_args(argv=None):
             setattr(args, name, opt.default)             # recorded as what it resolved to
         elif opt is not None and opt.choices and value not in opt.choices:
             p.error(f"{flag} {value}: {args.dist} offers {', '.join(opt.choices)}")
-    fit_dir = args.fit if 'fit' in lik.options and args.fit != lik.options['fit'].default else ''   # as the Makefile names it
+    # runs/<fit>/... for a fit off its default, as the Makefile names it
+    fit_dir = args.fit if 'fit' in lik.options and args.fit != lik.options['fit'].default else ''
     if args.out_dir is None:
         group = vae.objective_tag(vars(args))[1:]          # iwae<K>/ or <objective>/ (none for the ELBO)
         args.out_dir = os.path.join('runs', group, fit_dir, f'{args.dist}-z{args.latent_dim}-s{args.seed}')

@@ -328,7 +328,8 @@ class ContinuousBernoulliLik(DensityLik):
             proper += (log_px - kl).sum().item()
             bce += (log_bce - kl).sum().item()
         n = x8.shape[0]
-        return {'cb_gray_elbo_nats': proper / n, 'cb_gray_bce_elbo_nats': bce / n, 'cb_gray_normaliser_nats': (proper - bce) / n}
+        return {'cb_gray_elbo_nats': proper / n, 'cb_gray_bce_elbo_nats': bce / n,
+                'cb_gray_normaliser_nats': (proper - bce) / n}
 
 
 class GaussianLik(DensityLik):
