@@ -59,7 +59,7 @@ def set_rng_states(states, gen, seed, epoch):
 
 def load_last(args, parser, rule):
     """The training state in <out-dir>/last.pt, checked to come from a run with the same flags
-    whose checkpoint this version picks by the same rule, rule(likelihood class, objective, K)."""
+    whose checkpoint this version picks by the same rule: rule(likelihood class, objective, K)[0]."""
     path = os.path.join(args.out_dir, 'last.pt')
     if not os.path.isfile(path):
         sys.exit(f'error: --resume: there is no {path} to resume from (run without --resume to start)')
@@ -70,7 +70,7 @@ def load_last(args, parser, rule):
         args.precision = state['args'].get('precision', 'fp32')
     lik = vae.LIKELIHOODS.get(state['args'].get('dist'), vae.Likelihood)
     objective = state['args'].get('objective', 'elbo')
-    selected_by = rule(lik, objective, state['args'].get('iw_samples', 5))
+    selected_by = rule(lik, objective, state['args'].get('iw_samples', 5))[0]
     if state.get('selected_by', 'val_iwae_nats' if objective == 'iwae' else 'val_elbo_nats') != selected_by:
         sys.exit(f"error: --resume: {path} comes from a version of train.py that kept the epoch with the best "
                  f"{state.get('selected_by', 'validation objective')}, this one keeps the best {selected_by}: it cannot "

@@ -180,10 +180,6 @@ def selection(lik, objective, iw_samples):
     return 'val_elbo_nats', 1, 'val ELBO (nats)'
 
 
-def selected_by(lik, objective, iw_samples):
-    return selection(lik, objective, iw_samples)[0]
-
-
 def compare_estimate(args, row, n_val):
     """The wall time of a comparison (--compare-plan RUNS K N_TEST N_CURVE), extrapolated from this
     run's first epoch: RUNS runs of --epochs epochs, then per run K draws for each of N_TEST test
@@ -303,11 +299,11 @@ def train(args):
     utils.keep_freed_memory()
     rundir.existing_run(args)             # refused before anything is loaded or written
     if args.resume:
-        rundir.load_last(args, make_parser(), selected_by)   # its flags checked early; read again once owned
+        rundir.load_last(args, make_parser(), selection)   # its flags checked early; read again once owned
     if args.precision == 'auto':          # recorded as what it resolved to
         args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
     data = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)
-    with rundir.owned(args, make_parser(), selected_by) as state:     # one process per --out-dir
+    with rundir.owned(args, make_parser(), selection) as state:     # one process per --out-dir
         fit(args, device, data, state)
 
 
@@ -318,9 +314,8 @@ def fit(args, device, data, state=None):
     torch.manual_seed(args.seed)
     model = vae.build(vars(args)).to(device)
     iw = args.iw_samples if args.objective == 'iwae' else None
-    kl_weight = 1.0 if iw else model.lik.default_kl_weight if args.kl_weight is None else args.kl_weight
-    if model.lik.training_note(bool(iw)):
-        print(model.lik.training_note(bool(iw)))
+    if note := model.lik.training_note(bool(iw)):
+        print(note)
     train_x8 = data['train'][0][:args.subset].to(device)     # (N, 1, 28, 28) uint8
     val_x8 = data['val'][0][:args.val_subset].to(device)
     val_x = vae.eval_data(model.lik, val_x8)                 # fixed binarisation/noise
@@ -333,8 +328,8 @@ def fit(args, device, data, state=None):
           f'{sum(p.numel() for p in model.parameters()):,} parameters -> {args.out_dir}', flush=True)
     try:
         for epoch in range(progress.done + 1, args.epochs + 1):
-            if progress.stalled(args.patience):
-                print(progress.stalled(args.patience), flush=True)
+            if stop := progress.stalled(args.patience):
+                print(stop, flush=True)
                 break
             row = train_and_validate(model, opt, train_x8, val_x, val_x8, gen, args, epoch, iw, progress)
             improved = progress.record(row, model)
@@ -343,8 +338,7 @@ def fit(args, device, data, state=None):
             print(epoch_line(row, args.epochs, iw, improved), flush=True)
             if args.compare_plan and epoch == 1:
                 print(compare_estimate(args, row, val_x.shape[0]), flush=True)
-        finish(model, progress, args, data, device, {'kl_weight': kl_weight,
-                                                     **{k: getattr(model.lik, k) for k in model.lik.options}})
+        finish(model, progress, args, data, device, {'kl_weight': 1.0 if iw else vae.kl_weight(model.lik, args)})
     except KeyboardInterrupt:          # a second Ctrl-C exits at once (utils.one_line_errors)
         print(f'\ninterrupted after epoch {progress.done} of {args.epochs}; {last} keeps it. Resume with:\n'
               f'  {rundir.command(args, make_parser())}', file=sys.stderr)

@@ -681,8 +681,12 @@ def elbo_objective(model, x, args, dtype=None):
     form under --fit gray), the KL weighted by --kl-weight (default the likelihood's), over
     L = --samples draws of z. -> (loss (B,), ELBO (B,))."""
     log_px, kl, h = elbo_terms(model, x, args.samples, dtype=dtype)
-    weight = model.lik.default_kl_weight if args.kl_weight is None else args.kl_weight
-    return model.lik.loss(h, x, log_px, kl, weight), log_px - kl
+    return model.lik.loss(h, x, log_px, kl, kl_weight(model.lik, args)), log_px - kl
+
+
+def kl_weight(lik, args):
+    """The KL weight of --objective elbo: --kl-weight, else the likelihood's default."""
+    return lik.default_kl_weight if args.kl_weight is None else args.kl_weight
 
 
 def iwae_objective(model, x, args, dtype=None):
