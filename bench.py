@@ -105,7 +105,7 @@ def cpu_name():
 
 def reference_loader(root, train_split, batch_size=256, n=50000):
     """What tutorials do: the torchvision dataset, ToTensor() per image, a shuffled DataLoader.
-    The same n training images / the test images as vae.load_mnist."""
+    The same n training images / the test images as utils.load_mnist."""
     from torchvision import datasets, transforms
     ds = datasets.MNIST(root, train=train_split, download=True, transform=transforms.ToTensor())
     if train_split:
@@ -165,7 +165,7 @@ def measure(dist, precision, args):
         model.forward = torch.compile(model.forward, dynamic=False)  # dynamic shapes fail on randn
     opt = train.optimizer(model, 1e-3)
     gen = torch.Generator(device).manual_seed(0)
-    data = vae.load_mnist(args.data_dir)
+    data = utils.load_mnist(args.data_dir)
     train_x8 = data['train'][0][:args.subset].to(device)  # (N, 1, 28, 28) uint8
     n = train_x8.shape[0]
     test_x = vae.eval_data(lik, data['test'][0][:args.eval_n]).to(device)
@@ -266,7 +266,7 @@ def main(argv=None):
         if 'bf16' not in args.precisions:
             print(f'bench: bf16 skipped: {device.type} has no bf16 in hardware (emulated, it is slower than fp32); '
                   f'--precisions bf16 measures it anyway', flush=True)
-    utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)
+    utils.or_exit(utils.load_mnist, args.data_dir, errors=utils.DataError)
     utils.writable_dir(os.path.dirname(args.out) or '.', '--out', [os.path.basename(args.out)])
     rows = []
     for dist in args.dists:

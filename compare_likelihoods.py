@@ -376,7 +376,7 @@ def main(argv=None):
     t0 = time.time()
     device = utils.pick_device(args.device)
     runs = check_runs(args.runs, device)
-    test_x8 = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)['test'][0]
+    test_x8 = utils.or_exit(utils.load_mnist, args.data_dir, errors=utils.DataError)['test'][0]
     utils.writable_dir(args.out, '--out', OUTPUTS)
     info = {'torch': str(torch.__version__), 'git_commit': git_commit(),
             'device': f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import distributions as D
+import utils
 import vae
 
 
@@ -28,7 +29,6 @@ def pytest_collection_modifyitems(items):
 def on_the_cpu(monkeypatch):
     """--device auto means the CPU in every test, on a machine with a GPU too (its runs must match
     bit for bit, and the CPU's code paths are the ones tested); subprocesses see no GPU."""
-    import utils
     pick = utils.pick_device
     monkeypatch.setattr(utils, 'pick_device', lambda name: pick('cpu' if name == 'auto' else name))
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
@@ -46,7 +46,7 @@ def eager_beta(monkeypatch):
 @pytest.fixture(scope='session')
 def mnist_dir():
     root = os.environ.get('MNIST_DATA', 'data')
-    if not all(os.path.exists(os.path.join(root, 'MNIST', 'raw', f)) for f in vae.MNIST_FILES):
+    if not all(os.path.exists(os.path.join(root, 'MNIST', 'raw', f)) for f in utils.MNIST_FILES):
         msg = f'MNIST not found in {root}/MNIST/raw (run `make test DATA=<dir holding MNIST/raw>`)'
         if os.environ.get('CI') == 'true':
             pytest.fail(msg)
@@ -71,14 +71,14 @@ def synthetic_images(n, seed):
 
 @pytest.fixture
 def synthetic_mnist(monkeypatch, tmp_path):
-    """vae.load_mnist patched to return synthetic images (512 train, 100 val, 100 test, labels 0-9);
+    """utils.load_mnist patched to return synthetic images (512 train, 100 val, 100 test, labels 0-9);
     returns a data directory to pass, which holds nothing."""
     def load(root):
         if not os.path.isdir(root):
-            raise vae.DataError(f'could not load or download MNIST; put the four files into {root}/MNIST/raw/')
+            raise utils.DataError(f'could not load or download MNIST; put the four files into {root}/MNIST/raw/')
         sets = {'train': 512, 'val': 100, 'test': 100}
         return {k: (synthetic_images(n, i), torch.arange(n) % 10) for i, (k, n) in enumerate(sets.items())}
-    monkeypatch.setattr(vae, 'load_mnist', load)
+    monkeypatch.setattr(utils, 'load_mnist', load)
     data = tmp_path / 'synthetic'
     data.mkdir()
     return str(data)

@@ -3,6 +3,7 @@ reference (float64, quadrature, mpmath, scipy) in test_vae.py:
 - ContinuousBernoulli: exact at any logit (torch's clamps its probability first);
 - DiscretizedLogistic: PixelCNN++'s likelihood of 8-bit levels (torch has none);
 - CategoricalHeadNLL: a linear head's softmax NLL that never holds a batch's (M, 256) logits;
+- ConvTranspose2d: the decoder's transposed convolution with a faster weight gradient on the CPU;
 - the interval masses log P(lo <= X < hi) behind the exact 8-bit scores of the densities:
   normal_log_interval and beta_log_interval (torch has no incomplete beta function, nor its
   derivatives in a and b); log_sub_exp, the difference they are made of.
@@ -15,6 +16,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Beta, Distribution, Normal, constraints
 from torch.distributions.utils import broadcast_all
@@ -185,6 +187,43 @@ class CategoricalHeadNLL(torch.autograd.Function):
             gw += (ph.t() @ h[sl]).to(gw.dtype)
             gb += p.sum(0)
         return gh, gw, gb, None
+
+
+class _ConvTransposeFn(torch.autograd.Function):
+    """F.conv_transpose2d with its weight gradient taken as the weight gradient of the ordinary
+    convolution it transposes (input dy, output gradient x): oneDNN's kernel for that is faster on
+    the CPU than its transposed-convolution one (docs/measurements.md); the same gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = stride, padding
+        return F.conv_transpose2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        (stride, padding), need = ctx.conf, ctx.needs_input_grad
+        dx = F.conv2d(dy, weight, None, stride, padding) if need[0] else None
+        dw = torch.ops.aten.convolution_backward(x, dy, weight, None, stride, padding, (1, 1), False, (0, 0), 1,
+                                                 (False, True, False))[1] if need[1] else None
+        return dx, dw, dy.sum((0, 2, 3)) if need[2] else None, None, None
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d (same parameters and state dict) whose backward on the CPU is
+    _ConvTransposeFn's; elsewhere (cuDNN) the default."""
+
+    def forward(self, x):
+        if (x.device.type != 'cpu' or not torch.is_grad_enabled() or self.bias is None or self.groups != 1
+                or self.dilation != (1, 1) or self.output_padding != (0, 0)):
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled('cpu') and x.dtype != torch.float64:   # as autocast casts a convolution's
+            dtype = torch.get_autocast_dtype('cpu')
+            x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+        with torch.autocast('cpu', enabled=False):
+            return _ConvTransposeFn.apply(x, w, b, self.stride, self.padding)
 
 
 def normal_log_interval(loc, scale, lo, hi):

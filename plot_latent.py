@@ -242,7 +242,7 @@ def main(argv=None):
     for path in args.ckpt:
         path = os.path.join(path, 'model.pt') if os.path.isdir(path) else path
         models.append(utils.or_exit(vae.load_checkpoint, path, device))
-    x8, labels = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)['test']
+    x8, labels = utils.or_exit(utils.load_mnist, args.data_dir, errors=utils.DataError)['test']
     labels = labels[:args.n]
     if args.all:      # checked (and made) only once the inputs are known to be good
         utils.writable_dir(os.path.dirname(args.all) or '.', '--all', [os.path.basename(args.all)])

@@ -63,7 +63,7 @@ def load_last(args, parser, rule):
     path = os.path.join(args.out_dir, 'last.pt')
     if not os.path.isfile(path):
         sys.exit(f'error: --resume: there is no {path} to resume from (run without --resume to start)')
-    state = utils.or_exit(vae.read_torch_file, path, prefix='--resume: ')
+    state = utils.or_exit(utils.read_torch_file, path, prefix='--resume: ')
     if not isinstance(state, dict) or state.get('format') != LAST_FORMAT:
         sys.exit(f"error: --resume: {path} was not written by this project's train.py")
     if args.precision == 'auto':          # continue in the precision the run was started in

@@ -65,7 +65,7 @@ def test_train_end_to_end(tmp_path, mnist_dir):
     assert ckpt['args']['dist'] == 'bernoulli' and ckpt['args']['latent_dim'] == 2
     model, _ = vae.load_checkpoint(str(out / 'model.pt'))
     lik = model.lik
-    val8 = vae.load_mnist(mnist_dir)['val'][0][:1000]                  # --val-subset 1000
+    val8 = utils.load_mnist(mnist_dir)['val'][0][:1000]                  # --val-subset 1000
     elbo = train.evaluate(model, vae.eval_data(lik, val8), val8)['val_elbo_nats']
     assert abs(elbo - float(rows[0]['val_elbo_nats'])) < 1e-3
     import matplotlib.image
@@ -172,7 +172,7 @@ def tiny_runs(tmp_path_factory, mnist_dir):
 
 def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):
     model, _ = vae.load_checkpoint(os.path.join(tiny_runs[0], 'model.pt'))
-    x8 = vae.load_mnist(mnist_dir)['test'][0][:200]
+    x8 = utils.load_mnist(mnist_dir)['test'][0][:200]
     w = vae.log_weights(model, vae.eval_data(model.lik, x8), 100, torch.Generator().manual_seed(0), x8)
     lw, log_px, kl = w.data, w.recon, w.kl
     assert lw.shape == w.exact8.shape == (100, 200) and w.mu.shape == (200, 2) and w.bound is None
@@ -232,7 +232,7 @@ def test_plot_latent_on_tiny_checkpoints(tiny_runs, mnist_dir, tmp_path):
     assert set(figs) == {str(latent), str(manifold)} and latent.stat().st_size > 0 and manifold.stat().st_size > 0
     # the scatter: exactly the encoder means of the first n test images, each in its digit's colour
     model, _ = vae.load_checkpoint(os.path.join(tiny_runs[0], 'model.pt'))
-    x8, labels = vae.load_mnist(mnist_dir)['test']
+    x8, labels = utils.load_mnist(mnist_dir)['test']
     with torch.no_grad():
         mu = model.encode(vae.eval_data(model.lik, x8[:n]))[0]
     ax = figs[str(latent)].axes[0]
@@ -619,7 +619,7 @@ def test_make_recipes_trains_each_fit_at_the_compare_budget_and_refuses_a_misspe
 
 def test_reference_loop_reads_the_same_images(mnist_dir):
     import bench
-    data = vae.load_mnist(mnist_dir)
+    data = utils.load_mnist(mnist_dir)
     x, y = next(iter(bench.reference_loader(mnist_dir, False)))     # the test set, in order
     assert x.dtype == torch.float32 and x.shape == (256, 1, 28, 28)
     assert torch.equal(bench.to_8bit(x), data['test'][0][:256]) and torch.equal(y, data['test'][1][:256])

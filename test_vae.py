@@ -34,7 +34,7 @@ RECIPES = [(d, f) for d in DENSITIES for f in vae.LIKELIHOODS[d].fits]   # every
 CHANNELS = {'bernoulli': 1, 'cbernoulli': 1, 'gaussian': 2, 'gaussian-shared': 1, 'gaussian-fixed': 1, 'beta': 2,
             'categorical': 256, 'logistic': 2, 'logistic-mix': 15}
 
-REAL_LOAD_MNIST = vae.load_mnist   # before synthetic_mnist patches it
+REAL_LOAD_MNIST = utils.load_mnist   # before synthetic_mnist patches it
 
 BETA_LOOPS = ('_first_fused', '_bins_fused', '_cf_fused')   # beta's compiled passes
 
@@ -888,10 +888,10 @@ def test_closed_form_kl_matches_torch():
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
 def test_the_decoders_transposed_convolution_equals_torchs_with_its_gradients(layout):
-    """vae.ConvTranspose2d (its own weight gradient on the CPU) against nn.ConvTranspose2d in
+    """D.ConvTranspose2d (its own weight gradient on the CPU) against nn.ConvTranspose2d in
     float64: outputs and all three gradients, and torch's gradcheck of the backward."""
     torch.manual_seed(0)
-    ours = vae.ConvTranspose2d(6, 4, 4, 2, 1).double()
+    ours = D.ConvTranspose2d(6, 4, 4, 2, 1).double()
     ref = torch.nn.ConvTranspose2d(6, 4, 4, 2, 1).double()
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(3, 6, 5, 5, dtype=torch.float64).to(memory_format=layout).requires_grad_()
@@ -901,12 +901,12 @@ def test_the_decoders_transposed_convolution_equals_torchs_with_its_gradients(la
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(y, (x, ours.weight, ours.bias), g), torch.autograd.grad(want, (x, ref.weight, ref.bias), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *a: vae._ConvTransposeFn.apply(*a, (2, 2), (1, 1)), (x, ours.weight, ours.bias))
+    assert torch.autograd.gradcheck(lambda *a: D._ConvTransposeFn.apply(*a, (2, 2), (1, 1)), (x, ours.weight, ours.bias))
 
 
 def test_the_decoders_transposed_convolution_under_bf16_autocast_matches_torchs():
     torch.manual_seed(0)
-    ours = vae.ConvTranspose2d(8, 4, 4, 2, 1)
+    ours = D.ConvTranspose2d(8, 4, 4, 2, 1)
     ref = torch.nn.ConvTranspose2d(8, 4, 4, 2, 1)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 8, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
@@ -937,7 +937,7 @@ def test_idx_files_are_read_with_their_shape(tmp_path):
     x = random_x8(5, 28, 28)
     path = tmp_path / 'images-idx3-ubyte'
     path.write_bytes(bytes([0, 0, 8, 3]) + b''.join(d.to_bytes(4, 'big') for d in x.shape) + x.numpy().tobytes())
-    got = vae.read_idx(str(path))
+    got = utils.read_idx(str(path))
     assert got.dtype == torch.uint8 and torch.equal(got, x)
 
 
@@ -1011,7 +1011,7 @@ def test_missing_data_gives_one_line(tmp_path, monkeypatch):
         train.train(train.parse_args(['--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'run')]))
     msg = str(e.value.code)
     assert msg.startswith('error: ') and '\n' not in msg
-    assert all(f in msg for f in vae.MNIST_FILES) and str(tmp_path / 'MNIST' / 'raw') in msg
+    assert all(f in msg for f in utils.MNIST_FILES) and str(tmp_path / 'MNIST' / 'raw') in msg
     assert not (tmp_path / 'run').exists() and os.listdir(tmp_path) == []   # no MNIST/raw/ left behind
 
 
@@ -1020,7 +1020,7 @@ def damaged_mnist(tmp_path, how):
     behind a valid header (it parses, and would train silently), or a directory (unreadable)."""
     raw = tmp_path / 'mnist' / 'MNIST' / 'raw'
     raw.mkdir(parents=True)
-    for f in vae.MNIST_FILES:
+    for f in utils.MNIST_FILES:
         (raw / f).write_bytes(bytes(64))
     images = raw / 'train-images-idx3-ubyte'
     header = (2051).to_bytes(4, 'big') + (60000).to_bytes(4, 'big') + (28).to_bytes(4, 'big') * 2
@@ -1079,7 +1079,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(case, tmp_path, synthetic_
     the problem, and no output directory made or file changed."""
     import torchvision
     if '{' in ' '.join(BAD_INPUT[case][0]) and 'out-dir' not in case:     # the data's own checks
-        monkeypatch.setattr(vae, 'load_mnist', REAL_LOAD_MNIST)
+        monkeypatch.setattr(utils, 'load_mnist', REAL_LOAD_MNIST)
     mnist_dir = synthetic_mnist
     monkeypatch.setattr(torchvision.datasets.MNIST, 'mirrors', ['http://127.0.0.1:9/'])  # offline
     flags, says = BAD_INPUT[case]

@@ -302,7 +302,7 @@ def train(args):
         rundir.load_last(args, make_parser(), selection)   # its flags checked early; read again once owned
     if args.precision == 'auto':          # recorded as what it resolved to
         args.precision = 'bf16' if utils.native_bf16(device) else 'fp32'
-    data = utils.or_exit(vae.load_mnist, args.data_dir, errors=vae.DataError)
+    data = utils.or_exit(utils.load_mnist, args.data_dir, errors=utils.DataError)
     with rundir.owned(args, make_parser(), selection) as state:     # one process per --out-dir
         fit(args, device, data, state)
 

@@ -1,5 +1,6 @@
-"""Generic helpers the scripts share: one-line errors, argparse types, the device flag, atomic
-writing of files (checkpoints, CSVs, PNGs), a run directory's lock and image grids. Nothing here
+"""Generic helpers the scripts share: one-line errors, argparse types, the device flag, the MNIST
+files, atomic writing and checked reading of files (checkpoints, CSVs, PNGs), a run directory's
+lock and image grids. Nothing here
 knows about VAEs (that is vae.py); torch and matplotlib are imported where they are used, so that
 one_line_errors() can be installed before them.
 """
@@ -154,6 +155,84 @@ def keep_freed_memory():
         pass
 
 
+
+
+# -----------------------------------------------------------------------------
+# MNIST files: download, checksums, the idx format
+
+MNIST_SHA256 = {   # of the uncompressed files, as published with the data set's mirrors
+    'train-images-idx3-ubyte': 'ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db',
+    'train-labels-idx1-ubyte': '65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5',
+    't10k-images-idx3-ubyte': '0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7',
+    't10k-labels-idx1-ubyte': 'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2',
+}
+MNIST_FILES = tuple(MNIST_SHA256)
+
+
+class DataError(Exception):
+    """The MNIST files are missing or unreadable; the message says what to do."""
+
+
+def check_mnist_files(raw):
+    """DataError naming the first of the four files in raw/ that is unreadable or not the
+    original (SHA-256 of the uncompressed file: truncated, damaged or another data set)."""
+    import hashlib
+    for name, digest in MNIST_SHA256.items():
+        path = os.path.join(raw, name)
+        h = hashlib.sha256()
+        try:
+            with open(path, 'rb') as f:
+                for block in iter(lambda: f.read(1 << 20), b''):
+                    h.update(block)
+        except OSError as e:
+            raise DataError(f'cannot read {path}: {e.strerror}') from None
+        if h.hexdigest() != digest:
+            raise DataError(f'{path} is not the original MNIST file (its SHA-256 differs: truncated, damaged or '
+                            f'another data set); replace it with the original') from None
+
+
+def load_mnist(root):
+    """MNIST as uint8 tensors: train = first 50,000 of the official training set,
+    val = its last 10,000, test = the official 10,000. Images (N, 1, 28, 28), labels (N,).
+    Downloaded into root/MNIST/raw/ if missing (directories made for a download that fails are
+    removed again); the four files are checked against their published checksums."""
+    raw = os.path.join(root, 'MNIST', 'raw')
+    present = all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES)
+    made = [d for d in (root, os.path.dirname(raw), raw) if not os.path.isdir(d)]
+    try:
+        if not present:
+            from torchvision import datasets       # only to download (its import takes a second)
+            datasets.MNIST(root, train=True, download=True)
+            datasets.MNIST(root, train=False, download=True)
+        check_mnist_files(raw)
+        files = {f: read_idx(os.path.join(raw, f)) for f in MNIST_FILES}
+    except DataError:
+        raise
+    except BaseException as e:  # offline download, unreadable files, Ctrl-C during a download, ...
+        for d in reversed(made):
+            try:
+                os.rmdir(d)          # only if empty: a partial download stays for the next try
+            except OSError:
+                pass
+        if not isinstance(e, Exception):
+            raise
+        raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
+                        f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
+    x, y = files['train-images-idx3-ubyte'].unsqueeze(1), files['train-labels-idx1-ubyte'].long()  # (60000, 1, 28, 28) uint8
+    return {'train': (x[:50000], y[:50000]), 'val': (x[50000:], y[50000:]),
+            'test': (files['t10k-images-idx3-ubyte'].unsqueeze(1), files['t10k-labels-idx1-ubyte'].long())}
+
+
+def read_idx(path):
+    """An uncompressed idx file of unsigned bytes (MNIST's format) as a uint8 tensor of its shape."""
+    import torch
+    with open(path, 'rb') as f:
+        data = bytearray(f.read())
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(dims)]
+    return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * dims).view(shape)
+
+
 # -----------------------------------------------------------------------------
 # files
 
@@ -185,6 +264,22 @@ def write_atomic(path, write, text=False):
 def save_torch(obj, path):
     import torch
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def read_torch_file(path, device='cpu'):
+    """torch.load(weights_only=True), with any failure as a ValueError of one line saying which:
+    a missing file, a truncated or non-PyTorch file, or a pickle weights_only=True refuses."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{path}: no such checkpoint file')
+    import torch
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
+        if 'Unsupported global' in str(e):   # a pickle of arbitrary Python objects
+            raise ValueError(f'{path} holds Python objects that torch.load(weights_only=True) refuses '
+                             f'to unpickle: not a checkpoint of this project') from None
+        raise ValueError(f'{path} is not a readable PyTorch file (truncated or not a checkpoint: '
+                         f'{type(e).__name__})') from None
 
 
 def pyplot():

@@ -12,7 +12,6 @@ Conventions, stated once for the whole project:
   batch for the optimiser. Reported numbers are nats per image.
 """
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -20,88 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Beta, Categorical, Independent, MixtureSameFamily, Normal
 
-from distributions import (CategoricalHeadNLL, ContinuousBernoulli, DiscretizedLogistic, beta_log_interval,
-                           normal_log_interval)
+import utils
+from distributions import (CategoricalHeadNLL, ContinuousBernoulli, ConvTranspose2d, DiscretizedLogistic,
+                           beta_log_interval, normal_log_interval)
 
 N_PIXELS = 784
 LOG256 = math.log(256)
 BITS = N_PIXELS * math.log(2)   # nats per image -> bits per pixel
 EVAL_SEED = 1234  # fixed noise for validation/test binarisation and dequantisation
 CKPT_FORMAT = 'conv-vae-likelihoods/1'
-MNIST_SHA256 = {   # of the uncompressed files, as published with the data set's mirrors
-    'train-images-idx3-ubyte': 'ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db',
-    'train-labels-idx1-ubyte': '65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5',
-    't10k-images-idx3-ubyte': '0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7',
-    't10k-labels-idx1-ubyte': 'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2',
-}
-MNIST_FILES = tuple(MNIST_SHA256)
-
-# -----------------------------------------------------------------------------
-# data
-
-
-class DataError(Exception):
-    """The MNIST files are missing or unreadable; the message says what to do."""
-
-
-def check_mnist_files(raw):
-    """DataError naming the first of the four files in raw/ that is unreadable or not the
-    original (SHA-256 of the uncompressed file: truncated, damaged or another data set)."""
-    import hashlib
-    for name, digest in MNIST_SHA256.items():
-        path = os.path.join(raw, name)
-        h = hashlib.sha256()
-        try:
-            with open(path, 'rb') as f:
-                for block in iter(lambda: f.read(1 << 20), b''):
-                    h.update(block)
-        except OSError as e:
-            raise DataError(f'cannot read {path}: {e.strerror}') from None
-        if h.hexdigest() != digest:
-            raise DataError(f'{path} is not the original MNIST file (its SHA-256 differs: truncated, damaged or '
-                            f'another data set); replace it with the original') from None
-
-
-def load_mnist(root):
-    """MNIST as uint8 tensors: train = first 50,000 of the official training set,
-    val = its last 10,000, test = the official 10,000. Images (N, 1, 28, 28), labels (N,).
-    Downloaded into root/MNIST/raw/ if missing (directories made for a download that fails are
-    removed again); the four files are checked against their published checksums."""
-    raw = os.path.join(root, 'MNIST', 'raw')
-    present = all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES)
-    made = [d for d in (root, os.path.dirname(raw), raw) if not os.path.isdir(d)]
-    try:
-        if not present:
-            from torchvision import datasets       # only to download (its import takes a second)
-            datasets.MNIST(root, train=True, download=True)
-            datasets.MNIST(root, train=False, download=True)
-        check_mnist_files(raw)
-        files = {f: read_idx(os.path.join(raw, f)) for f in MNIST_FILES}
-    except DataError:
-        raise
-    except BaseException as e:  # offline download, unreadable files, Ctrl-C during a download, ...
-        for d in reversed(made):
-            try:
-                os.rmdir(d)          # only if empty: a partial download stays for the next try
-            except OSError:
-                pass
-        if not isinstance(e, Exception):
-            raise
-        raise DataError(f"could not load or download MNIST ({type(e).__name__}); put the four "
-                        f"files {', '.join(MNIST_FILES)} (uncompressed) into {raw}/") from e
-    x, y = files['train-images-idx3-ubyte'].unsqueeze(1), files['train-labels-idx1-ubyte'].long()  # (60000, 1, 28, 28) uint8
-    return {'train': (x[:50000], y[:50000]), 'val': (x[50000:], y[50000:]),
-            'test': (files['t10k-images-idx3-ubyte'].unsqueeze(1), files['t10k-labels-idx1-ubyte'].long())}
-
-
-def read_idx(path):
-    """An uncompressed idx file of unsigned bytes (MNIST's format) as a uint8 tensor of its shape."""
-    with open(path, 'rb') as f:
-        data = bytearray(f.read())
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(dims)]
-    return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * dims).view(shape)
-
 
 # -----------------------------------------------------------------------------
 # likelihoods p(x|z): one registry, each entry turns decoder output into a distribution
@@ -560,43 +486,6 @@ def kl_normal(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
 
 
-class _ConvTransposeFn(torch.autograd.Function):
-    """F.conv_transpose2d with its weight gradient taken as the weight gradient of the ordinary
-    convolution it transposes (input dy, output gradient x): oneDNN's kernel for that is faster on
-    the CPU than its transposed-convolution one (docs/measurements.md); the same gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = stride, padding
-        return F.conv_transpose2d(x, weight, bias, stride, padding)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        (stride, padding), need = ctx.conf, ctx.needs_input_grad
-        dx = F.conv2d(dy, weight, None, stride, padding) if need[0] else None
-        dw = torch.ops.aten.convolution_backward(x, dy, weight, None, stride, padding, (1, 1), False, (0, 0), 1,
-                                                 (False, True, False))[1] if need[1] else None
-        return dx, dw, dy.sum((0, 2, 3)) if need[2] else None, None, None
-
-
-class ConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d (same parameters and state dict) whose backward on the CPU is
-    _ConvTransposeFn's; elsewhere (cuDNN) the default."""
-
-    def forward(self, x):
-        if (x.device.type != 'cpu' or not torch.is_grad_enabled() or self.bias is None or self.groups != 1
-                or self.dilation != (1, 1) or self.output_padding != (0, 0)):
-            return super().forward(x)
-        w, b = self.weight, self.bias
-        if torch.is_autocast_enabled('cpu') and x.dtype != torch.float64:   # as autocast casts a convolution's
-            dtype = torch.get_autocast_dtype('cpu')
-            x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
-        with torch.autocast('cpu', enabled=False):
-            return _ConvTransposeFn.apply(x, w, b, self.stride, self.padding)
-
-
 class VAE(nn.Module):
     """Conv encoder -> q(z|x) = N(mu, diag(exp(logvar))); deconv decoder -> per-pixel
     features; the likelihood's head turns those into the parameters of p(x|z)."""
@@ -791,25 +680,10 @@ def build(args):
     return VAE(lik, args['latent_dim'])
 
 
-def read_torch_file(path, device='cpu'):
-    """torch.load(weights_only=True), with any failure as a ValueError of one line saying which:
-    a missing file, a truncated or non-PyTorch file, or a pickle weights_only=True refuses."""
-    if not os.path.isfile(path):
-        raise ValueError(f'{path}: no such checkpoint file')
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
-        if 'Unsupported global' in str(e):   # a pickle of arbitrary Python objects
-            raise ValueError(f'{path} holds Python objects that torch.load(weights_only=True) refuses '
-                             f'to unpickle: not a checkpoint of this project') from None
-        raise ValueError(f'{path} is not a readable PyTorch file (truncated or not a checkpoint: '
-                         f'{type(e).__name__})') from None
-
-
 def load_checkpoint(path, device='cpu'):
     """A model.pt written by train.py -> (model in eval mode, checkpoint dict); anything else
-    (see read_torch_file, or another project's checkpoint) raises ValueError."""
-    ckpt = read_torch_file(path, device)
+    (see utils.read_torch_file, or another project's checkpoint) raises ValueError."""
+    ckpt = utils.read_torch_file(path, device)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py")
     cls = LIKELIHOODS.get(ckpt['args']['dist'], Likelihood)
