@@ -29,6 +29,7 @@ PY   := $(VENV)/bin/python
 IWAE := $(if $(filter iwae,$(OBJECTIVE)),iwae$(IW_SAMPLES)/)
 FITS := discrete dequantised gray
 RUN  := runs/$(IWAE)$(if $(FIT),$(FIT)/)$(DIST)-z$(LATENT)-s$(SEED)
+CLASSIFIER := runs/classifier/model.pt
 
 # make compare: every likelihood with the same latent dim, budget and seeds, in its own
 # directory, then the comparison on the test set. The budget: at most COMPARE_EPOCHS epochs,
@@ -73,7 +74,7 @@ recipe_run = $(foreach s,$(SEEDS),$(COMPARE_DIR)/$(word 2,$(subst :, ,$1))/$(wor
 RECIPE_RUNS := $(foreach d,$(sort $(foreach r,$(RECIPES),$(word 1,$(subst :, ,$r)))),$(foreach s,$(SEEDS),\
                  $(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s))) $(foreach r,$(RECIPES),$(call recipe_run,$r))
 
-.PHONY: help train test test-fast compare recipes latent latent-all bench figures
+.PHONY: help train test test-fast compare recipes classifier latent latent-all bench figures
 
 help:   # the targets and the variables they take
 	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 PATIENCE=0 TRAIN_FLAGS="--lr 3e-4"]'
@@ -87,6 +88,7 @@ help:   # the targets and the variables they take
 	@echo 'make recipes  DATA=dir [QUICK=1 | BUDGET=long]  the densities under every --fit recipe, at the'
 	@echo '              compare budget: runs/compare/<fit>/ beside runs/compare/, results/recipes/'
 	@echo 'make train FIT=gray|dequantised|discrete   a density under that recipe: runs/<fit>/<dist>-...'
+	@echo 'make classifier DATA=dir           the judge of sample quality (runs/classifier/; make compare needs it)'
 	@echo 'make latent   DATA=dir [DIST=bernoulli EPOCHS=20]   a 2-D latent model and its two figures'
 	@echo 'make latent-all DATA=dir [DISTS="..."]             the same for every likelihood, side by side'
 	@echo 'make bench    DATA=dir              training and evaluation speed: results/bench.csv'
@@ -104,17 +106,24 @@ $(addsuffix /model.pt,$(COMPARE_RUNS) $(RECIPE_RUNS)): PATIENCE = $(COMPARE_PATI
 # the first run prints an estimate of the whole comparison's time after its first epoch
 $(firstword $(COMPARE_RUNS))/model.pt: PLAN = --compare-plan $(words $(COMPARE_RUNS)) $(K) $(N_TEST) $(N_CURVE)
 
-$(RESULTS)/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(COMPARE_RUNS)) | $(VENV)/.installed
+$(RESULTS)/likelihoods.csv: compare_likelihoods.py quality.py $(addsuffix /model.pt,$(COMPARE_RUNS)) $(CLASSIFIER) | $(VENV)/.installed
 	$(PY) compare_likelihoods.py $(COMPARE_RUNS) --data-dir $(DATA) --out $(RESULTS) \
-	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE)
+	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE) --classifier $(CLASSIFIER)
 
 recipes: | $(VENV)/.installed
 	@start=$$(date +%s); $(MAKE) --no-print-directory $(RESULTS)/recipes/likelihoods.csv && \
 	echo "make recipes$(if $(QUICK), QUICK=1,)$(if $(BUDGET), BUDGET=$(BUDGET),): total wall time $$(( $$(date +%s) - start )) s"
 
-$(RESULTS)/recipes/likelihoods.csv: compare_likelihoods.py $(addsuffix /model.pt,$(RECIPE_RUNS)) | $(VENV)/.installed
+$(RESULTS)/recipes/likelihoods.csv: compare_likelihoods.py quality.py $(addsuffix /model.pt,$(RECIPE_RUNS)) $(CLASSIFIER) | $(VENV)/.installed
 	$(PY) compare_likelihoods.py $(RECIPE_RUNS) --data-dir $(DATA) --out $(RESULTS)/recipes \
-	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE)
+	  --k $(K) --n-test $(N_TEST) --n-curve $(N_CURVE) --classifier $(CLASSIFIER)
+
+# make classifier: the judge of sample quality (quality.py), trained once and kept; an
+# interrupted one resumes. Order-only: a change of quality.py does not retrain it.
+classifier: $(CLASSIFIER)
+
+$(CLASSIFIER): | $(VENV)/.installed
+	$(PY) quality.py --data-dir $(DATA) --out-dir $(dir $@)
 
 # make latent: results/latent_<dist>.png and results/manifold_<dist>.png of runs/<dist>-z2-s0,
 # trained first if missing; make latent-all: those for every likelihood, and all side by side.
@@ -131,7 +140,7 @@ results/latent_all.png: plot_latent.py vae.py distributions.py $(foreach d,$(DIS
 # make figures: the README's figures, copied from $(RESULTS)/ (make compare's, QUICK=1: results/quick/)
 # and results/ (make latent-all's); it never trains: run those first. docs/figures/ is the one
 # committed output.
-FIGURES := $(addprefix $(RESULTS)/,likelihoods.png samples.png reconstructions.png learning_curves.png) \
+FIGURES := $(addprefix $(RESULTS)/,likelihoods.png quality.png samples.png reconstructions.png learning_curves.png) \
            $(addprefix results/,latent_all.png latent_bernoulli.png manifold_bernoulli.png)
 figures:
 	@mkdir -p docs/figures

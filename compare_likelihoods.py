@@ -22,11 +22,15 @@ Per run, on the first --n-test test images (default all 10,000), in nats per ima
 - each likelihood's own diagnostics (cbernoulli: the "Bernoulli on gray values" ELBO,
   binary cross-entropy on gray pixels, unnormalised, next to its proper ELBO);
 - log Bayes factors: for each pair of 8-bit likelihoods with the same seed, the mean
-  per-image difference of log P(x) with its standard error.
+  per-image difference of log P(x) with its standard error;
+- sample quality, judged by the digit classifier trained here (quality.py, --classifier): the
+  Fréchet distance of --n-samples prior samples to the test images in its feature space, its
+  inception score and label entropy, for the decoder means and for samples of p(x|z), and its
+  accuracy on the reconstructions (quality.QUALITY_COLUMNS).
 Also, from each run's metrics.csv, the learning curves: per epoch the validation negative ELBO
 of the 8-bit pixels in bits/dim (nats per binarised image for bernoulli), the scored epoch marked.
 Writes into --out (default results/): likelihoods.csv, likelihoods_summary.csv,
-bayes_factors.csv, likelihoods.png, samples.png, reconstructions.png, learning_curves.png.
+bayes_factors.csv, likelihoods.png, quality.png, samples.png, reconstructions.png, learning_curves.png.
 """
 import utils
 if __name__ == '__main__':
@@ -42,18 +46,21 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+import quality  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
 COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds', 'test_data', 'scored_on', 'n_test',
            'test_elbo_nats', 'test_recon_nats', 'test_kl_nats', 'iwae_nats', 'iwae_k', 'iwae_stderr',
            'nll_8bit_nats', 'bits_per_dim', 'bound_nll_8bit_nats', 'bound_bits_per_dim', 'active_units',
-           'k_curve_n', 'iwae_k1_nats', 'iwae_k10_nats', 'iwae_k100_nats', 'iwae_k1000_nats']
-TAIL = ['eval_seconds', 'torch', 'git_commit', 'device']
-SUMMARY = ['test_elbo_nats', 'iwae_nats', 'nll_8bit_nats', 'bits_per_dim', 'bound_bits_per_dim', 'active_units']
+           'k_curve_n', 'iwae_k1_nats', 'iwae_k10_nats', 'iwae_k100_nats', 'iwae_k1000_nats',
+           'quality_n', *quality.QUALITY_COLUMNS]
+TAIL = ['eval_seconds', 'quality_seconds', 'classifier_test_accuracy', 'torch', 'git_commit', 'device']
+SUMMARY = ['test_elbo_nats', 'iwae_nats', 'nll_8bit_nats', 'bits_per_dim', 'bound_bits_per_dim', 'active_units',
+           *quality.QUALITY_COLUMNS]
 CURVE = (1, 10, 100, 1000)
-OUTPUTS = ('likelihoods.csv', 'likelihoods_summary.csv', 'bayes_factors.csv', 'likelihoods.png', 'samples.png',
-           'reconstructions.png', 'learning_curves.png')
+OUTPUTS = ('likelihoods.csv', 'likelihoods_summary.csv', 'bayes_factors.csv', 'likelihoods.png', 'quality.png',
+           'samples.png', 'reconstructions.png', 'learning_curves.png')
 
 
 def columns():
@@ -91,8 +98,9 @@ def check_runs(runs, device):
     return out
 
 
-def evaluate_run(model, ckpt, metrics, test_x8, args, device):
-    """Row of likelihoods.csv and the per-image exact 8-bit log P(x) (None for bernoulli)."""
+def evaluate_run(model, ckpt, metrics, test_x8, args, device, judge=None):
+    """Row of likelihoods.csv and the per-image exact 8-bit log P(x) (None for bernoulli);
+    judge: (classifier, test labels, test features) for the sample-quality columns, or None."""
     t0 = time.time()
     lik, a = model.lik, ckpt['args']
     x8 = test_x8[:args.n_test].to(device)
@@ -125,6 +133,11 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device):
     if est.bound is not None:
         row['bound_nll_8bit_nats'] = -est.bound.mean().item()
         row['bound_bits_per_dim'] = row['bound_nll_8bit_nats'] / vae.BITS
+    if judge is not None:
+        t1 = time.time()
+        clf, labels, real = judge
+        row.update(quality.sample_quality(model, clf, x8, labels, n=args.n_samples, real=real), quality_n=args.n_samples)
+        row['quality_seconds'] = time.time() - t1
     row['eval_seconds'] = time.time() - t0
     return row, logp8
 
@@ -311,6 +324,52 @@ def plot_rows(models, test_x8, out_dir):
         utils.save_png(fig, os.path.join(out_dir, name))
 
 
+def plot_quality(summary, judge, path):
+    """quality.png: bits/dim (x) against the Fréchet distance (y) of the decoder means and of the
+    samples of p(x|z), a point per likelihood, with 95 % intervals over seeds where there are several."""
+    rows = [s for s in summary if s['bits_per_dim_mean'] is not None and s.get('fd_decoder_mean_mean') is not None]
+    if judge is None or not rows:
+        return
+    plt = utils.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, what in zip(axes, ('decoder_mean', 'px_sample')):
+        for s in rows:
+            err = lambda k: None if s[f'{k}_ci95_lo'] is None else [[s[f'{k}_mean'] - s[f'{k}_ci95_lo']],  # noqa: E731
+                                                                      [s[f'{k}_ci95_hi'] - s[f'{k}_mean']]]
+            ax.errorbar(s['bits_per_dim_mean'], s[f'fd_{what}_mean'], xerr=err('bits_per_dim'),
+                        yerr=err(f'fd_{what}'), fmt='o', capsize=3)
+            ax.annotate(s['dist'], (s['bits_per_dim_mean'], s[f'fd_{what}_mean']), fontsize=8,
+                        xytext=(4, 4), textcoords='offset points')
+        ax.set_xlabel('test bits/dim, exact 8-bit (lower is better)')
+        ax.set_ylabel(f"Fréchet distance, classifier features ({quality.QUALITY_COLUMNS[f'fd_{what}'].split(', ')[1]})",
+                      fontsize=8)
+        ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+    axes[0].set_title('decoder means of prior samples', fontsize=10)
+    axes[1].set_title('samples of p(x|z) of prior samples', fontsize=10)
+    fig.suptitle(f"likelihood against sample quality (judge: a CNN trained here, test accuracy "
+                 f"{100 * judge[1]['test_accuracy']:.2f} %; lower is better on both axes)", fontsize=10)
+    fig.tight_layout()
+    utils.save_png(fig, path)
+
+
+def print_quality(rows, judge):
+    if judge is None:
+        return
+    print(f"\nsample quality, judged by the classifier (test accuracy {100 * judge[1]['test_accuracy']:.2f} %): "
+          f"{rows[0]['quality_n']} prior samples against {rows[0]['n_test']} test images")
+    print(f"{'dist':16s} {'seed':>4s} {'FD mean':>9s} {'FD sample':>9s} {'IS mean':>7s} {'IS smp':>7s} "
+          f"{'H(y) mean':>9s} {'H(y) smp':>8s} {'recon acc':>9s} {'s':>5s}")
+    for r in rows:
+        print(f"{r['dist']:16s} {r['seed']:4d} {r['fd_decoder_mean']:9.2f} {r['fd_px_sample']:9.2f} "
+              f"{r['is_decoder_mean']:7.2f} {r['is_px_sample']:7.2f} {r['label_entropy_decoder_mean']:9.3f} "
+              f"{r['label_entropy_px_sample']:8.3f} {100 * r['recon_accuracy']:8.2f}% {r['quality_seconds']:5.0f}")
+    total = sum(r['quality_seconds'] for r in rows)
+    print(f"  (FD: Fréchet distance of the classifier's penultimate features; IS: its inception score, 10 at most; "
+          f"H(y): entropy of the predicted labels, log 10 = 2.303 when uniform; sample quality took {total:.0f} s "
+          f"of the evaluation's {sum(r['eval_seconds'] for r in rows):.0f} s)")
+
+
 def diagnostic_note(row, columns):
     """A line on a row's likelihood-specific columns {column: what it is} ('' without any)."""
     return (f"{row['dist']} (seed {row['seed']}): " + '; '.join(f'{what} {row[c]:.2f} nats' for c, what in columns.items())
@@ -359,8 +418,22 @@ def parse_args(argv=None):
     p.add_argument('--n-test', type=number(int, 1, 10000), default=10000)
     p.add_argument('--n-curve', type=number(int, 1, 10000), default=1000,
                    help='images for the k-curve (k = 1, 10, 100, 1000)')
+    p.add_argument('--classifier', default='runs/classifier/model.pt',
+                   help="the judge of sample quality (quality.py's model.pt; make classifier trains it)")
+    p.add_argument('--n-samples', type=number(int, 0, 100000), default=10000,
+                   help='prior samples for the sample-quality columns (0: none, and no classifier needed)')
     p.add_argument('--device', default='auto', choices=utils.DEVICES)
     return p.parse_args(argv)
+
+
+def load_judge(args, device):
+    """(classifier, its checkpoint) for the sample-quality columns; None with --n-samples 0."""
+    if not args.n_samples:
+        return None
+    if not os.path.isfile(args.classifier):
+        sys.exit(f'error: --classifier {args.classifier}: no such file; `make classifier DATA=...` trains the judge '
+                 f'of sample quality (or --n-samples 0 leaves those columns out)')
+    return utils.or_exit(quality.load_classifier, args.classifier, device, prefix='--classifier: ')
 
 
 def git_commit():
@@ -376,17 +449,20 @@ def main(argv=None):
     t0 = time.time()
     device = utils.pick_device(args.device)
     runs = check_runs(args.runs, device)
-    test_x8 = utils.or_exit(utils.load_mnist, args.data_dir, errors=utils.DataError)['test'][0]
+    test_x8, test_labels = utils.or_exit(utils.load_mnist, args.data_dir, errors=utils.DataError)['test']
     utils.writable_dir(args.out, '--out', OUTPUTS)
+    judge = load_judge(args, device)
+    judged = judge and (judge[0], test_labels[:args.n_test].to(device),      # the test images' features: once
+                        quality.judge(judge[0], test_x8[:args.n_test].to(device).float() / 255)[0])
     info = {'torch': str(torch.__version__), 'git_commit': git_commit(),
             'device': f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else
             f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else device.type})'}
     rows, logp8, models, notes, curves = [], [], {}, [], []
     for run, model, ckpt, metrics in runs:
-        row, lp8 = evaluate_run(model, ckpt, metrics, test_x8, args, device)
+        row, lp8 = evaluate_run(model, ckpt, metrics, test_x8, args, device, judged)
         curves.append({'dist': row['dist'], 'data': model.lik.data_name, 'rows': metrics, 'best_epoch': ckpt['epoch'],
                        'eight': lp8 is not None})
-        rows.append({**row, **info})
+        rows.append({**row, **info, 'classifier_test_accuracy': judge and judge[1]['test_accuracy']})
         logp8.append(lp8)
         models.setdefault(row['dist'], model)
         notes.append(diagnostic_note(row, model.lik.diagnostic_columns))
@@ -402,9 +478,11 @@ def main(argv=None):
     utils.write_csv(bfs, os.path.join(args.out, 'bayes_factors.csv'),
                     ['seed', 'a', 'b', 'mean_log_bf_nats', 'stderr_nats', 'a_better_on_images'])
     plot_results(rows, summary, os.path.join(args.out, 'likelihoods.png'))
+    plot_quality(summary, judge, os.path.join(args.out, 'quality.png'))
     plot_rows(models, test_x8, args.out)
     plot_learning_curves(curves, os.path.join(args.out, 'learning_curves.png'))
     print_tables(rows, bfs, notes)
+    print_quality(rows, judge)
     print(f"\nwrote {args.out}/{', '.join(OUTPUTS)}; evaluation took {time.time() - t0:.0f} s")
 
 

@@ -146,3 +146,13 @@ def bench_rows(path, n):
         assert r['eval_k'] == '5' and r['eval_n'] == '3' and r['torch'] == torch.__version__
         assert r['device'].startswith('cpu') and int(r['threads']) >= 1 and int(r['peak_rss_mb']) > 100
     return rows
+
+
+def untrained_judge(path):
+    """A classifier checkpoint as quality.py writes one, untrained: for the sample-quality columns'
+    plumbing, not their values."""
+    import quality
+    torch.manual_seed(0)
+    torch.save({'format': quality.CLF_FORMAT, 'state_dict': quality.Classifier().state_dict(), 'epoch': 0,
+                'val_accuracy': 0.1, 'test_accuracy': 0.1, 'args': {}, 'torch': str(torch.__version__)}, path)
+    return str(path)

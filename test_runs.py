@@ -15,8 +15,9 @@ import torch
 
 import compare_likelihoods as cmp
 import distributions as D
-from conftest import BENCH_TINY, HERE, bench_rows, beta_bins_of, beta_head_features, metric_values
+from conftest import BENCH_TINY, HERE, bench_rows, beta_bins_of, beta_head_features, metric_values, untrained_judge
 import plot_latent
+import quality
 import train
 import utils
 import vae
@@ -167,6 +168,46 @@ def tiny_runs(tmp_path_factory, mnist_dir):
     return runs
 
 # -----------------------------------------------------------------------------
+# the judge of sample quality (quality.py) on real digits
+
+
+@pytest.fixture(scope='session')
+def judge(tmp_path_factory, mnist_dir):
+    """quality.py's classifier trained 1 epoch on the first 10,000 training images (about 98 %):
+    enough to tell digits from noise, which is what these tests ask of it."""
+    data = utils.load_mnist(mnist_dir)
+    small = {**data, 'train': tuple(t[:10000] for t in data['train'])}
+    out = tmp_path_factory.mktemp('judge')
+    mp = pytest.MonkeyPatch()
+    mp.setattr(utils, 'load_mnist', lambda root: small)
+    try:
+        ckpt = quality.main(['--data-dir', mnist_dir, '--out-dir', str(out), '--epochs', '1'])
+    finally:
+        mp.undo()
+    return quality.load_classifier(out / 'model.pt')[0], ckpt, data
+
+
+def test_the_judge_tells_digits_from_noise_and_blur(judge):
+    """The Fréchet distance in its features: the test set against itself about 0, the training
+    images a small distance from it, noise and blurred digits a large one; the labels it gives
+    one class have a low entropy."""
+    clf, ckpt, data = judge
+    assert ckpt['test_accuracy'] > 0.95
+    test = data['test'][0].float() / 255
+    f_test, _ = quality.judge(clf, test)
+    fd = lambda x: quality.frechet_distance(f_test, quality.judge(clf, x)[0])  # noqa: E731
+    train_fd = fd(data['train'][0][40000:].float() / 255)         # training images it has not seen
+    noise_fd = fd(torch.rand(10000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    blurred_fd = fd(torch.nn.functional.avg_pool2d(test, 5, 1, 2))
+    assert abs(fd(test)) < 1e-6
+    assert train_fd < blurred_fd / 10 and train_fd < noise_fd / 10, (train_fd, blurred_fd, noise_fd)
+    threes = test[data['test'][1] == 3]
+    _, entropy = quality.inception_score(quality.judge(clf, threes)[1])
+    _, every = quality.inception_score(quality.judge(clf, test)[1])
+    assert entropy < 0.5 and every > 2.2, (entropy, every)       # log 10 = 2.30: uniform
+
+
+# -----------------------------------------------------------------------------
 # the IWAE objective (train.py --objective iwae)
 
 
@@ -188,12 +229,14 @@ def test_iwae_is_above_the_elbo_and_grows_with_k(tiny_runs, mnist_dir):
 def test_compare_script_on_tiny_runs(tiny_runs, mnist_dir, tmp_path):
     out = tmp_path / 'results'
     cmp.main(tiny_runs + ['--data-dir', mnist_dir, '--out', str(out), '--k', '4', '--n-test', '64',
-                          '--n-curve', '2'])
+                          '--n-curve', '2', '--classifier', untrained_judge(tmp_path / 'judge.pt'), '--n-samples', '100'])
     rows = list(csv.DictReader(open(out / 'likelihoods.csv')))
     listed = ['dist', 'seed', 'latent_dim', 'epochs', 'train_seconds', 'test_elbo_nats', 'test_recon_nats',
               'test_kl_nats', 'iwae_nats', 'iwae_k', 'iwae_stderr', 'bits_per_dim', 'bound_bits_per_dim',
               'scored_on', 'active_units', 'torch', 'git_commit', 'device']
     assert len(rows) == 3 and set(listed) <= set(rows[0])
+    assert all(math.isfinite(float(r[c])) for r in rows for c in quality.QUALITY_COLUMNS)
+    assert (out / 'quality.png').exists()
     assert [(r['dist'], r['seed']) for r in rows] == [('categorical-K16', '0'), ('gaussian', '0'), ('gaussian', '1')]
     by = {r['dist']: r for r in rows[:2]}
     assert by['categorical-K16']['scored_on'] == by['gaussian']['scored_on'] == '8-bit pixels (exact)'
@@ -512,7 +555,7 @@ def test_plot_latent_draws_a_one_dimensional_latent(tmp_path, mnist_dir):
 FAKE_PYTHON = """#!/bin/sh
 echo "$@" >> calls.txt
 case "$1" in
-  train.py) while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && mkdir -p "$2" && touch "$2/model.pt"; shift; done ;;
+  train.py|quality.py) while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && mkdir -p "$2" && touch "$2/model.pt"; shift; done ;;
   plot_latent.py) mkdir -p results && touch results/latent_beta.png results/manifold_beta.png ;;
 esac
 """
@@ -522,7 +565,7 @@ def makefile_sandbox(tmp_path):
     """The Makefile and the files it depends on, an installed-looking .venv, and ./fakepy."""
     import shutil
     for f in ['Makefile', 'train.py', 'vae.py', 'distributions.py', 'rundir.py', 'utils.py', 'plot_latent.py',
-              'compare_likelihoods.py', 'requirements.txt']:
+              'compare_likelihoods.py', 'quality.py', 'requirements.txt']:
         shutil.copy(os.path.join(HERE, f), tmp_path)
     (tmp_path / '.venv').mkdir()
     (tmp_path / '.venv' / '.installed').touch()
@@ -576,7 +619,10 @@ def test_make_compare_budget_is_the_default_or_long(tmp_path):
         calls = (tmp_path / 'calls.txt').read_text().splitlines()
         assert calls[0].startswith(f'train.py --dist beta --latent-dim 32 --seed 0 {budget} --data-dir d '
                                    f'--out-dir {run}/beta-z32-s0')
-        assert calls[1].startswith(f'compare_likelihoods.py {run}/beta-z32-s0 --data-dir d --out {results} ')
+        judged = calls[1] == 'quality.py --data-dir d --out-dir runs/classifier/'   # the judge: once, for both
+        assert judged == (not extra)
+        assert calls[1 + judged].startswith(f'compare_likelihoods.py {run}/beta-z32-s0 --data-dir d --out {results} ')
+        assert calls[1 + judged].endswith(' --classifier runs/classifier/model.pt')
         assert '--compare-plan 1 100 10000 1000' in calls[0]        # the first run estimates the whole
 
 

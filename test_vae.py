@@ -18,7 +18,7 @@ from torch.distributions import (Bernoulli, Beta, Categorical, ContinuousBernoul
 import compare_likelihoods as cmp
 import distributions as D
 from conftest import (BENCH_TINY, HERE, bench_rows, beta_bins_of, beta_head_features, lik_of, metric_values, random_x8,
-                      synthetic_images)
+                      synthetic_images, untrained_judge)
 import plot_latent
 import quality
 import rundir
@@ -1396,8 +1396,10 @@ def test_a_new_likelihood_needs_one_class_and_one_registry_line(monkeypatch, syn
     assert ckpt['args']['std_floor'] == 0.02 and model.lik.std_floor == 0.02 and ckpt['epoch'] >= 1
     assert len(list(csv.DictReader(open(run / 'metrics.csv')))) == 2
     cmp.main([str(run), '--data-dir', synthetic_mnist, '--out', str(tmp_path / 'res'), '--k', '3', '--n-test', '32',
-              '--n-curve', '2'])
+              '--n-curve', '2', '--classifier', untrained_judge(tmp_path / 'judge.pt'), '--n-samples', '40'])
     row = next(csv.DictReader(open(tmp_path / 'res' / 'likelihoods.csv')))
+    assert all(math.isfinite(float(row[c])) for c in quality.QUALITY_COLUMNS) and row['quality_n'] == '40'
+    assert (tmp_path / 'res' / 'quality.png').exists()
     assert row['dist'] == 'toy-floor0.02' and row['test_data'] == '8-bit levels' and row['scored_on'] == '8-bit pixels (exact)'
     assert 0 < float(row['bits_per_dim']) < 20 and row['bound_bits_per_dim'] == ''
     assert float(row['nll_8bit_nats']) == -float(row['iwae_nats'])
@@ -1426,9 +1428,10 @@ def test_a_new_objective_needs_one_function_and_one_registry_line(monkeypatch, s
     rows = list(csv.DictReader(open(run / 'metrics.csv')))
     assert len(rows) == 2 and float(rows[0]['train_loss']) < -float(rows[0]['train_elbo_nats'])   # the halved KL
     cmp.main([str(run), '--data-dir', synthetic_mnist, '--out', str(tmp_path / 'res'), '--k', '3', '--n-test', '32',
-              '--n-curve', '2'])
+              '--n-curve', '2', '--n-samples', '0'])
     row = next(csv.DictReader(open(tmp_path / 'res' / 'likelihoods.csv')))
     assert row['dist'] == 'gaussian-halfkl' and 0 < float(row['bits_per_dim']) < 20
+    assert row['fd_decoder_mean'] == '' and not (tmp_path / 'res' / 'quality.png').exists()   # --n-samples 0: none
 
 
 def test_a_likelihoods_own_columns_are_reported_with_what_they_are():
