@@ -136,9 +136,11 @@ class DiscretizedLogistic(Distribution):
 
     @property
     def mean(self):
-        levels = torch.arange(256, dtype=self.loc.dtype, device=self.loc.device) / 255
-        levels = levels.view((256,) + (1,) * self.loc.dim())  # (256, 1, ...)
-        return (self.log_prob(levels).exp() * levels).sum(0)
+        """E[k] / 255 = sum_(k=1..255) P(K >= k) / 255, P(K >= k) = sigmoid((loc - k/255 + 1/510) / scale):
+        one sigmoid per level, where the sum of k P(k) takes a log-probability per level."""
+        edges = torch.arange(1, 256, dtype=self.loc.dtype, device=self.loc.device) / 255 - self.half
+        edges = edges.view((255,) + (1,) * self.loc.dim())   # (255, 1, ...): the lower edges of levels 1..255
+        return torch.sigmoid((self.loc - edges) / self.scale).sum(0) / 255
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():

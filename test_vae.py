@@ -145,6 +145,9 @@ def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     p = d.log_prob(torch.arange(256) / 255).exp().double()
     assert (freq - p).abs().max() < 0.005
     assert abs(d.mean.item() - s.mean().item()) < 2e-3
+    d64 = D.DiscretizedLogistic(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    levels = torch.arange(256, dtype=torch.float64) / 255       # the mean's sum of P(K >= k) is sum_k k P(k)
+    assert abs(d64.mean.item() - (d64.log_prob(levels).exp() * levels).sum().item()) < 1e-12
 
 
 @pytest.mark.parametrize('dist,bins', [('categorical', 256), ('categorical', 7), ('categorical', 2),
