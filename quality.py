@@ -153,8 +153,9 @@ def accuracy(clf, x8, labels):
 def fit(clf, data, args, last, gen):
     """Adam with a cosine schedule for --epochs, last.pt after each epoch (resumed from there);
     the epoch with the best validation accuracy is kept. Returns the state of the run."""
+    x8, labels = data['train']
     opt = torch.optim.Adam(clf.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * math.ceil(50000 / args.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * math.ceil(len(x8) / args.batch_size))
     state = {'epoch': 0, 'best': -1.0, 'best_epoch': None, 'best_state': None}
     if os.path.exists(last):
         saved = utils.or_exit(utils.read_torch_file, last)
@@ -169,21 +170,21 @@ def fit(clf, data, args, last, gen):
         torch.set_rng_state(saved['torch_rng'])
         state = saved['state']
         print(f"resuming {last} after epoch {state['epoch']}")
-    x8, labels = data['train']
     for epoch in range(state['epoch'] + 1, args.epochs + 1):
         clf.train()
-        start = time.time()
+        start, total = time.time(), 0.0
         for idx in torch.randperm(len(x8), generator=gen).split(args.batch_size):
             loss = F.cross_entropy(clf(shifted(x8[idx].float() / 255, gen)), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            total += loss.item() * len(idx)
         val = accuracy(clf, *data['val'])
         if val > state['best']:
             state.update(best=val, best_epoch=epoch, best_state={k: v.clone() for k, v in clf.state_dict().items()})
         state['epoch'] = epoch
-        print(f'epoch {epoch:2d}/{args.epochs}  loss {loss.item():.4f}  val accuracy {val:.4f}  '
+        print(f'epoch {epoch:2d}/{args.epochs}  loss {total / len(x8):.4f}  val accuracy {val:.4f}  '
               f'{time.time() - start:.1f} s', flush=True)
         utils.save_torch({'state_dict': clf.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
                           'generator': gen.get_state(), 'torch_rng': torch.get_rng_state(), 'state': state,
