@@ -133,6 +133,34 @@ def test_logistic_mixture_samples_follow_its_probabilities():
     assert torch.allclose(lik.mean(h).flatten(), (p * levels.view(256, 1)).sum(0).float(), atol=1e-5)
 
 
+@pytest.mark.parametrize('bins', [256, 7])
+def test_categorical_samples_and_mean_follow_its_probabilities(bins):
+    """The chunked inverse-CDF sample and mean against torch's Categorical of the same head:
+    level frequencies of 100,000 draws, and the mean over more pixels than one chunk holds."""
+    torch.manual_seed(0)
+    lik = lik_of('categorical', bins=bins)
+    h = torch.randn(1, 3, 1, 1, vae.VAE.features) * 2                       # 3 single pixels
+    draws = lik.sample(h.expand(100_000, -1, -1, -1, -1)).flatten(1)       # (100000, 3)
+    assert torch.equal(draws, torch.round(draws * (bins - 1)) / (bins - 1))     # on its grid
+    p = lik(h).base_dist.probs.flatten(0, -2).double()                     # (3, K)
+    for j in range(3):
+        freq = torch.bincount(torch.round(draws[:, j] * (bins - 1)).long(), minlength=bins).double() / 1e5
+        assert (freq - p[j]).abs().max() < 0.006
+    h = torch.randn(2, 3, 28, 28, vae.VAE.features)                        # 4,704 pixels: two chunks
+    want = (lik(h).base_dist.probs * torch.linspace(0, 1, bins)).sum(-1)   # (2, 3, 1, 28, 28)
+    torch.testing.assert_close(lik.mean(h), want)
+
+
+def test_discretized_logistic_mean_is_the_same_in_chunks():
+    """Over more pixels than one chunk of the mean holds, each pixel's mean is its own alone
+    (to float32 rounding: the sums run in another order)."""
+    torch.manual_seed(0)
+    d = D.DiscretizedLogistic(torch.rand(3, 2000) * 1.2 - 0.1, torch.rand(3, 2000) * 0.1 + 1e-3)
+    one = torch.stack([D.DiscretizedLogistic(d.loc[i, j], d.scale[i, j]).mean
+                       for i, j in [(0, 0), (1, 500), (2, 1999), (2, 96)]])
+    torch.testing.assert_close(d.mean[[0, 1, 2, 2], [0, 500, 1999, 96]], one, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize('loc,scale', [(0.5, 0.01), (0.02, 0.03), (1.1, 0.2)])
 def test_discretized_logistic_samples_follow_its_probabilities(loc, scale):
     """Hand-written sample and mean agree with log_prob: level frequencies of 200,000

