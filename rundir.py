@@ -20,6 +20,15 @@ NEWER_FLAGS = ('objective', 'iw_samples', 'val_subset')   # absent from an older
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
 
 
+def registry_options():
+    """Every option a likelihood declares -> (its Option, the --dist names that take it)."""
+    out = {}
+    for dist, cls in vae.LIKELIHOODS.items():
+        for name, opt in cls.options.items():
+            out.setdefault(name, (opt, []))[1].append(dist)
+    return out
+
+
 def command(args, parser):
     """The command line that resumes this run: train.py with every flag not at its default."""
     defaults = {k: parser.get_default(k) for k in vars(args)}
@@ -78,7 +87,7 @@ def load_last(args, parser, rule):
     older = {**{k: parser.get_default(k) for k in NEWER_FLAGS}, **{k: o.default for k, o in lik.options.items()},
              **lik.before_options}                          # what a run from before them had
     saved = {**state['args'], **{k: v for k, v in older.items() if k not in state['args']}}   # its own flags first
-    others = set(vae.registry_options()) - set(lik.options)    # other likelihoods' options: not this run's
+    others = set(registry_options()) - set(lik.options)    # other likelihoods' options: not this run's
     for k, v in saved.items():
         if k not in RESUME_MAY_CHANGE and k not in others and getattr(args, k, None) != v:
             flag = '--' + k.replace('_', '-')

@@ -52,7 +52,7 @@ def make_parser():
     p.add_argument('--kl-weight', type=number(float, 0, 1e6), default=None,
                    help='weight of the KL in the training loss (default 1; sigma^2/784 for gaussian-fixed '
                         '--fit gray, which makes its MSE-form loss the exact negative ELBO up to scale)')
-    for name, (opt, dists) in vae.registry_options().items():        # as the likelihoods declare them
+    for name, (opt, dists) in rundir.registry_options().items():        # as the likelihoods declare them
         p.add_argument('--' + name.replace('_', '-'), type=number(opt.type, *opt.range) if opt.range else opt.type,
                        choices=opt.choices, default=None, help=f"{', '.join(dists)}: {opt.help} (default {opt.default})")
     p.add_argument('--precision', default='auto', choices=['auto'] + list(vae.PRECISIONS),
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     if args.objective == 'iwae' and (args.kl_weight is not None or args.samples != 1):
         p.error('--kl-weight and --samples shape the ELBO objective; --objective iwae takes --iw-samples K')
     lik = vae.LIKELIHOODS[args.dist]
-    for name, (_, dists) in vae.registry_options().items():
+    for name, (_, dists) in rundir.registry_options().items():
         flag, value, opt = '--' + name.replace('_', '-'), getattr(args, name), lik.options.get(name)
         if opt is None and value is not None:
             p.error(f"{flag} {value}: {args.dist} takes no {flag} (an option of {', '.join(dists)})")

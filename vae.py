@@ -1,15 +1,12 @@
 """Convolutional VAE on MNIST with a choice of observation likelihood p(x|z).
 
-Conventions, stated once for the whole project:
-- Images are float tensors in [0, 1] of shape (B, 1, 28, 28). Every likelihood sees its
-  data in that form (binarised, gray, dequantised or on its grid of levels); the same
-  tensor is the encoder's input and the argument of log_prob.
-- The decoder outputs per-pixel features; each likelihood owns a per-pixel linear head
-  that turns them into unconstrained parameters (logits, locations, raw scales), applies
-  the constraints, and returns a torch.distributions distribution over whole images, so
-  log_prob sums over the 784 pixels and returns nats per image.
-- Losses are per example (summed over pixels and latent dims) and averaged over the
-  batch for the optimiser. Reported numbers are nats per image.
+Conventions for the whole project:
+- Images are float tensors (B, 1, 28, 28) in [0, 1], each likelihood's data (binarised, gray,
+  dequantised or its levels); the same tensor is the encoder's input and log_prob's argument.
+- The decoder gives per-pixel features; each likelihood's per-pixel linear head turns them into
+  unconstrained parameters, and it applies the constraints: log_prob sums over the 784 pixels.
+- Losses are per example (summed over pixels and latent dims), averaged over the batch for the
+  optimiser. Reported numbers are nats per image.
 """
 import math
 from typing import NamedTuple
@@ -39,15 +36,13 @@ def positive(raw, floor):
 
 
 def bin_edges(x8):
-    """8-bit values v (uint8) -> the edges of their bins [v/256, (v+1)/256), float64: the
-    bins of uniform dequantisation (v + u)/256, which hold the gray value v/255 as well."""
+    """8-bit values v (uint8) -> their bins [v/256, (v+1)/256) (float64), which hold (v + u)/256 and v/255."""
     v = x8.double()
     return v / 256, (v + 1) / 256
 
 
 def images(base):
-    """Treat the last three dims (1, H, W) as one event: log_prob sums over pixels.
-    Argument validation is off on this hot path (it costs a third of a categorical step)."""
+    """The last three dims (1, H, W) as one event; no argument validation (a third of a categorical step)."""
     return Independent(base, 3, validate_args=False)
 
 
@@ -57,9 +52,8 @@ def pixel(p):
 
 
 class Option(NamedTuple):
-    """An option of a likelihood, declared on its class: train.py's flag --<name> (its type,
-    default, range or choices and help) and the run-name suffix tag.format(value) it adds when
-    not at its default."""
+    """A likelihood's option, declared on its class: train.py's flag --<name>, and the run-name
+    suffix tag.format(value) where it is not at its default."""
     type: type
     default: object
     help: str
@@ -69,18 +63,13 @@ class Option(NamedTuple):
 
 
 class Likelihood(nn.Module):
-    """p(x|z) for one --dist: a per-pixel linear head (decoder features -> unconstrained
-    parameters, `channels` per pixel) and `dist`, which applies the constraints and returns
-    a torch.distributions distribution over whole images. Everything the scripts need to
-    know about a likelihood is here, so a new one is a subclass and a registry line:
-    - data(x8): the float images in [0, 1] it models (training, validation, test);
-    - log_prob_8bit: its exact log-probability of the 8-bit test image (None: not defined);
-    - density: a density on [0, 1] or R, scored by integrating it over each 8-bit bin;
-    - scored: it has that score, so validation picks its checkpoint by it (else by its objective);
-    - options: {name: Option}, the train.py flags it takes (attributes of the same names);
-      tag(): the run-name suffix they give;
-    - clipped: its means and samples may leave [0, 1] (figures clip them);
-    - diagnostics(): extra evaluation numbers, the `diagnostic_columns` of likelihoods.csv."""
+    """p(x|z) for one --dist: a per-pixel linear head (features -> `channels` unconstrained
+    parameters) and `dist` (constraints -> a distribution over whole images). All the scripts
+    know of a likelihood is here, so a new one is a subclass and a registry line:
+    data(x8) the images it models; log_prob_8bit its exact score of 8-bit images (None: none);
+    density: scored by integrating over each 8-bit bin; scored: validation picks its checkpoint
+    by that score; options {name: Option} (attributes of those names); clipped: its means and
+    samples may leave [0, 1]; diagnostics() the `diagnostic_columns` of likelihoods.csv."""
     channels = 1
     default_kl_weight = 1.0
     data_name = 'gray values'
@@ -135,9 +124,8 @@ class Likelihood(nn.Module):
             iwae and self.loss_form) else ''
 
     def log_prob_8bit(self, h, x8, log_px):
-        """Exact log P(x8 | z) of the 8-bit images x8 (B, 1, H, W), nats per image (..., B),
-        given log_px = self.log_prob(h, x) on its data x of x8. Here: its data are the 256
-        levels themselves, so that is it already."""
+        """Exact log P(x8 | z) of 8-bit images x8 (B, 1, H, W) (..., B), given log_px = self.log_prob(h, x)
+        of its data x of x8; here its data are the 256 levels, so that is it."""
         return log_px
 
     def mean(self, h):
@@ -147,14 +135,12 @@ class Likelihood(nn.Module):
         return self(h).sample()
 
     def loss(self, h, x, log_px, kl, kl_weight):
-        """Per-example training loss (B,) from log_px = E_q[log p(x|z)] (mean over the L
-        samples) and KL: the negative ELBO, with the KL weighted by kl_weight."""
+        """Per-example loss (B,) from log_px (mean over L samples) and KL: the weighted negative ELBO."""
         return -log_px + kl_weight * kl
 
     def diagnostics(self, model, x8):
         """Extra numbers for likelihoods.csv on the test images x8: {column: value}."""
         return {}
-
 
 
 FITS = {  # --fit: what a density trains on -> the name of that data
@@ -170,10 +156,9 @@ def levels(x):
 
 
 class DensityLik(Likelihood):
-    """A density on [0, 1] (or R). Its 8-bit score is exact: P(v | z) is the integral of the
-    density over v's bin [v/256, (v+1)/256) (log_interval), the mass outside [0, 1] going to
-    the end bins; float64, summed over pixels. --fit chooses what it trains on (FITS): with
-    'discrete' its log_prob is that exact score of the levels v/255 it is given."""
+    """A density on [0, 1] (or R), scored exactly: P(v | z) is its integral over v's bin
+    [v/256, (v+1)/256) (log_interval; the end bins take the tails), float64. --fit (FITS) chooses
+    what it trains on; with 'discrete' log_prob is that score of the levels v/255 it is given."""
     density = True
     options = {'fit': Option(str, 'discrete', 'what it trains on. discrete: the exact mass of each 8-bit bin, what '
                              'it is scored on; dequantised: (v + u)/256, a lower bound; gray: v/255, common practice '
@@ -243,26 +228,21 @@ class ContinuousBernoulliLik(DensityLik):
     def diagnostics(self, model, x8, batch=500):
         """ELBO on gray values x/255 with the normalised density, and with the unnormalised
         "Bernoulli on gray values" (binary cross-entropy) in its place: the gap is the normaliser."""
-        gen = torch.Generator(x8.device).manual_seed(EVAL_SEED)
-        proper = bce = 0.0
-        for xb in x8.split(batch):
-            x = xb.float() / 255
+        gen, proper, bce = torch.Generator(x8.device).manual_seed(EVAL_SEED), 0.0, 0.0
+        for x in (xb.float() / 255 for xb in x8.split(batch)):
             h, mu, logvar = model(x, generator=gen)
-            log_px, kl = self.log_density(h, x).mean(0), kl_normal(mu, logvar)   # the density, whatever its fit
-            logits = pixel(self.params(h)[..., 0])
-            log_bce = images(Bernoulli(logits=logits, validate_args=False)).log_prob(x).mean(0)
-            proper += (log_px - kl).sum().item()
-            bce += (log_bce - kl).sum().item()
+            kl = kl_normal(mu, logvar)
+            proper += (self.log_density(h, x).mean(0) - kl).sum().item()     # the density, whatever its fit
+            bce_px = images(Bernoulli(logits=pixel(self.params(h)[..., 0]), validate_args=False)).log_prob(x)
+            bce += (bce_px.mean(0) - kl).sum().item()
         n = x8.shape[0]
         return {'cb_gray_elbo_nats': proper / n, 'cb_gray_bce_elbo_nats': bce / n,
                 'cb_gray_normaliser_nats': (proper - bce) / n}
 
 
 class GaussianLik(DensityLik):
-    """Normal with a learned per-pixel mean and std. The std is floored at 0.001 (0.256 bins, as
-    the logistic's scale), on gray values at 0.01 (2.56 bins): there the density of the many
-    exactly-0 pixels grows without bound as it shrinks. The mean is free, so the end bins, which
-    reach to -inf and inf, can hold all of a pixel's mass."""
+    """Normal with a learned per-pixel mean and std, the std floored at 0.001 (0.256 bins), on gray
+    values at 0.01: there the density of the many 0 pixels grows without bound as it shrinks."""
     channels = 2
     clipped = True
 
@@ -305,11 +285,8 @@ class FixedGaussianLik(GaussianLik):
 
     def __init__(self, features, **options):
         super().__init__(features, **options)
-        sigma = self.sigma
-        if self.fit == 'gray':
-            # lambda = 1/(beta N), beta = 1/sigma^2: the MSE-form loss is then the negative
-            # ELBO times 2 sigma^2 / N, minus sigma^2 log(2 pi sigma^2).
-            self.loss_form, self.default_kl_weight = self.mse_form, sigma ** 2 / N_PIXELS
+        if self.fit == 'gray':   # lambda = sigma^2/N: the loss is then the -ELBO times 2 sigma^2/N, plus a constant
+            self.loss_form, self.default_kl_weight = self.mse_form, self.sigma ** 2 / N_PIXELS
 
     def training_note(self, iwae):
         if self.fit != 'gray' and not iwae:
@@ -454,15 +431,6 @@ LIKELIHOODS = {  # --dist name -> likelihood class
 }
 
 
-def registry_options():
-    """Every option a likelihood declares -> (its Option, the --dist names that take it)."""
-    out = {}
-    for dist, cls in LIKELIHOODS.items():
-        for name, opt in cls.options.items():
-            out.setdefault(name, (opt, []))[1].append(dist)
-    return out
-
-
 def make_likelihood(name, features=16, **options):
     """The likelihood --dist names, given the options it takes (others are ignored)."""
     cls = LIKELIHOODS[name]
@@ -518,19 +486,16 @@ class VAE(nn.Module):
             ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),             # (N, 32, 14, 14)
             ConvTranspose2d(32, self.features, 4, 2, 1), nn.ReLU(True))  # (N, 16, 28, 28)
         self.lik = lik
-        # He initialisation: PyTorch's default shrinks the signal at each ReLU layer, the decoder
-        # learns to ignore z and the posterior collapses (docs/measurements.md).
+        # He initialisation: with PyTorch's default the signal shrinks and the posterior collapses (measurements.md)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
                 nn.init.zeros_(m.bias)
-        # Convolutions in channels-last (NHWC) layout: faster on the CPU (docs/measurements.md);
-        # decode's permute to (..., H, W, F) is then free.
+        # channels-last (NHWC): faster on the CPU (measurements.md), and decode's permute is free
         self.to(memory_format=torch.channels_last)
 
     def encode(self, x):
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)  # (B, D) each
-        return mu, logvar
+        return self.encoder(x).chunk(2, dim=-1)  # mu, logvar (B, D)
 
     def decode(self, z):
         """z (..., D) -> per-pixel features (..., 28, 28, 16), the input of self.lik."""
@@ -555,9 +520,8 @@ class VAE(nn.Module):
 
 
 def elbo_terms(model, x, samples=1, generator=None, dtype=None):
-    """Per-image E_q[log p(x|z)] (mean over L samples) and KL (B,), and the features h.
-    ELBO = log_px - kl, always with KL weight 1 and the likelihood's normalised log_prob of its
-    data (a density's, or under --fit discrete its exact 8-bit bin masses)."""
+    """Per-image E_q[log p(x|z)] (mean over L samples) and KL (B,), and the features h: the ELBO
+    log_px - kl with KL weight 1 and the likelihood's normalised log_prob of its data."""
     h, mu, logvar = model(x, samples, generator, dtype)
     return model.lik.log_prob(h, x).mean(0), kl_normal(mu, logvar), h
 
@@ -568,10 +532,8 @@ def log_prior_ratio(z, mu, logvar):
 
 
 def iwae_terms(model, x, k, generator=None, dtype=None):
-    """The k-sample importance-weighted bound on log p(x) (Burda et al. 2016) per image (B,),
-    log mean_i p(x, z_i) / q(z_i|x) over k draws z_i ~ q(z|x), with the likelihood's normalised
-    log-density; also the mean of log p(x|z_i) and the closed-form KL (B,), whose difference
-    is the ELBO from the same draws."""
+    """The k-sample bound log mean_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x) (Burda et al. 2016) per image
+    (B,); also the mean of log p(x|z_i) and the KL (B,), whose difference is those draws' ELBO."""
     z, h, mu, logvar = model.draw(x, k, generator, dtype)     # z (K, B, D), h (K, B, 28, 28, F)
     log_px = model.lik.log_prob(h, x)                         # (K, B)
     bound = torch.logsumexp(log_px + log_prior_ratio(z, mu, logvar), 0) - math.log(k)
@@ -579,9 +541,8 @@ def iwae_terms(model, x, k, generator=None, dtype=None):
 
 
 def elbo_objective(model, x, args, dtype=None):
-    """--objective elbo: the negative ELBO in the likelihood's own loss form (gaussian-fixed's MSE
-    form under --fit gray), the KL weighted by --kl-weight (default the likelihood's), over
-    L = --samples draws of z. -> (loss (B,), ELBO (B,))."""
+    """--objective elbo: the negative ELBO in the likelihood's loss form, the KL weighted by
+    --kl-weight, over L = --samples draws of z. -> (loss (B,), ELBO (B,))."""
     log_px, kl, h = elbo_terms(model, x, args.samples, dtype=dtype)
     return model.lik.loss(h, x, log_px, kl, kl_weight(model.lik, args)), log_px - kl
 
@@ -605,17 +566,15 @@ OBJECTIVES = {'elbo': elbo_objective, 'iwae': iwae_objective}   # --objective na
 # estimators of log p(x): importance sampling with the encoder as proposal
 
 def chunk(device):
-    """Decoder passes per call of the estimators: on a CPU few enough to stay in its caches,
-    elsewhere enough to fill a GPU (not measured on one yet)."""
+    """Decoder passes per estimator call: few on a CPU (its caches), many on a GPU (not measured)."""
     return 256 if device.type == 'cpu' else 8192
 
 
 class Estimate(NamedTuple):
-    """What the estimators return, per image: log_weights the importance weights
-    log p(., z_i) - log q(z_i|x) (K, B), importance_log_px their IWAE estimates (n,), of the
-    likelihood's data (data), of the 8-bit images (exact8: exact; None without x8 or an 8-bit
-    score) and of the dequantisation bound (bound, None without xdeq); with the K-sample mean of
-    log p(x|z) (recon), the closed-form KL and the posterior means mu (n, D)."""
+    """Per image: the log weights log p(., z_i) - log q(z_i|x) (K, B) from log_weights, their IWAE
+    estimates (n,) from importance_log_px; of the likelihood's data, of the 8-bit images (exact8) and
+    the dequantisation bound (None where not asked or defined); the K-sample mean of log p(x|z)
+    (recon), the closed-form KL and the posterior means mu (n, D)."""
     data: torch.Tensor
     exact8: torch.Tensor = None
     bound: torch.Tensor = None
@@ -631,9 +590,8 @@ class Estimate(NamedTuple):
 
 @torch.inference_mode()
 def log_weights(model, x, k, generator=None, x8=None, xdeq=None):
-    """Importance weights of k draws z_i ~ q(z|x), x (B, 1, 28, 28) the likelihood's data, x8 its
-    8-bit images, xdeq a dequantisation of them (the bound's data, log p(xdeq|z) - 784 log 256):
-    an Estimate of (k, B) weights."""
+    """An Estimate of the (k, B) weights of k draws z_i ~ q(z|x) for the likelihood's data x (B, 1, 28, 28),
+    its 8-bit images x8 and their dequantisation xdeq (the bound's data: log p(xdeq|z) - 784 log 256)."""
     mu, logvar = model.encode(x)                          # (B, D)
     kc = max(1, min(k, chunk(x.device) // x.shape[0]))    # draws per decoder call
     own = xdeq is not None and torch.equal(xdeq, x)       # a dequantised density's own data: its log p is lpx
@@ -661,8 +619,7 @@ def iwae(lw, k):
 
 
 def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
-    """log p by importance sampling (IWAE, k draws) of every image, in batches: an Estimate of
-    (n,) estimates (see log_weights)."""
+    """log p by importance sampling (IWAE, k draws) of every image, in batches: an Estimate of (n,)."""
     from tqdm import tqdm
     c = chunk(x.device)
     b = max(1, c // min(k, c))
@@ -686,8 +643,7 @@ def objective_tag(args):
 
 
 def build(args):
-    """The model (with its likelihood, model.lik) from a dict of training arguments,
-    as stored in checkpoints."""
+    """The model (its likelihood model.lik) from a checkpoint's dict of training arguments."""
     lik = make_likelihood(args['dist'], VAE.features, **args)
     return VAE(lik, args['latent_dim'])
 
