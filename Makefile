@@ -8,6 +8,7 @@
 #   make latent DATA=path/to/mnist    (a 2-D latent model of DIST, seed 0, and its two figures)
 #   make latent-all DATA=...          (the same for every likelihood, and results/latent_all.png)
 #   make bench DATA=path/to/mnist     (training and evaluation speed: results/bench.csv; make -B bench re-measures)
+#   make compress DATA=path/to/mnist  (the test set coded losslessly by bits-back ANS with the best compare model)
 # DATA is the directory holding MNIST/raw/ (downloaded there if missing and online).
 # The first target that needs Python creates .venv from requirements.txt.
 
@@ -74,7 +75,7 @@ recipe_run = $(foreach s,$(SEEDS),$(COMPARE_DIR)/$(word 2,$(subst :, ,$1))/$(wor
 RECIPE_RUNS := $(foreach d,$(sort $(foreach r,$(RECIPES),$(word 1,$(subst :, ,$r)))),$(foreach s,$(SEEDS),\
                  $(COMPARE_DIR)/$(d)-z$(LATENT)-s$(s))) $(foreach r,$(RECIPES),$(call recipe_run,$r))
 
-.PHONY: help train test test-fast compare recipes classifier latent latent-all bench figures
+.PHONY: help train test test-fast compare recipes classifier latent latent-all bench compress figures
 
 help:   # the targets and the variables they take
 	@echo 'make train    DATA=dir [DIST=bernoulli LATENT=32 SEED=0 EPOCHS=20 PATIENCE=0 TRAIN_FLAGS="--lr 3e-4"]'
@@ -92,6 +93,8 @@ help:   # the targets and the variables they take
 	@echo 'make latent   DATA=dir [DIST=bernoulli EPOCHS=20]   a 2-D latent model and its two figures'
 	@echo 'make latent-all DATA=dir [DISTS="..."]             the same for every likelihood, side by side'
 	@echo 'make bench    DATA=dir              training and evaluation speed: results/bench.csv'
+	@echo 'make compress DATA=dir [COMPRESS_RUNS="..." COMPRESS_N=10000]  bits-back coding of the test set:'
+	@echo '              results/compress.csv (default the best make compare run, categorical)'
 	@echo 'make figures  [QUICK=1]             copies the README figures from results/ (results/quick/) into docs/figures/'
 	@echo 'DATA holds MNIST/raw/ (downloaded there if missing and online); the first target creates .venv.'
 
@@ -152,6 +155,14 @@ bench: results/bench.csv
 
 results/bench.csv: bench.py train.py vae.py distributions.py rundir.py utils.py | $(VENV)/.installed
 	$(PY) bench.py --data-dir $(DATA) --out $@
+
+# make compress: the first COMPRESS_N test images coded losslessly by bits-back ANS (compress.py) with
+# each of COMPRESS_RUNS (default make compare's best, categorical; trained first if missing), checked
+# bit for bit: results/compress/<run>.bbans and a row each in results/compress.csv.
+COMPRESS_RUNS ?= $(COMPARE_DIR)/categorical-z$(LATENT)-s0
+COMPRESS_N ?= 10000
+compress: $(addsuffix /model.pt,$(COMPRESS_RUNS)) | $(VENV)/.installed
+	@for r in $(COMPRESS_RUNS); do $(PY) compress.py $$r --n $(COMPRESS_N) --data-dir $(DATA) || exit 1; done
 
 test: | $(VENV)/.installed
 	MNIST_DATA=$(DATA) $(PY) -m pytest -q test_vae.py test_runs.py

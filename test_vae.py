@@ -9,6 +9,7 @@ import os
 import sys
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch.distributions import (Bernoulli, Beta, Categorical, ContinuousBernoul
                                  Normal, kl_divergence)
 
 import compare_likelihoods as cmp
+import compress
 import distributions as D
 from conftest import (BENCH_TINY, HERE, bench_rows, beta_bins_of, beta_head_features, lik_of, metric_values, random_x8,
                       synthetic_images, untrained_judge)
@@ -1694,6 +1696,105 @@ def test_the_classifier_trains_resumes_and_refuses_other_flags(synthetic_mnist, 
     resumed = quality.main(['--data-dir', synthetic_mnist, '--out-dir', other, '--batch-size', '64', '--epochs', '2'])
     assert 'resuming' in capsys.readouterr().out
     assert all(torch.equal(resumed['state_dict'][k], whole['state_dict'][k]) for k in whole['state_dict'])
+
+
+# -----------------------------------------------------------------------------
+# compress.py: bits-back coding with ANS
+
+
+@pytest.mark.parametrize('dist', ALL)
+def test_coding_tables_are_normalised_and_give_the_8bit_score(dist):
+    """Each pixel's table over its symbols sums to 1, and the symbols' entries of an image sum to
+    its score: log_prob_8bit (bernoulli: log_prob of its binarisation), float64 against float32."""
+    model = vae.build({'dist': dist, 'latent_dim': 4, 'bins': 7 if dist == 'categorical' else 256}).eval()
+    lik = model.lik
+    with torch.inference_mode():
+        x8 = lik.coded(random_x8(3, 1, 28, 28))
+        x = vae.eval_data(lik, x8)
+        h = model(x)[0]                                                      # (1, 3, 28, 28, F)
+        table = lik.log_prob_symbols(h)                                      # (1, 3, 1, 28, 28, S)
+        assert table.dtype == torch.float64 and table.shape[-1] == lik.symbols
+        torch.testing.assert_close(table.logsumexp(-1), torch.zeros(table.shape[:-1], dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+        s = (x8.long() * (lik.symbols - 1) // 255).unsqueeze(-1).expand(table.shape[:-1] + (1,))
+        got = table.gather(-1, s).flatten(-4).sum(-1)                        # (1, 3)
+        want = lik.log_prob_8bit(h, x8, lik.log_prob(h, x))
+        want = lik.log_prob(h, x) if want is None else want
+        torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=0)
+
+
+def coded_file(tmp_path, dist, n=20):
+    """A tiny untrained model saved as a run, its first n synthetic images coded into a file."""
+    args = {'dist': dist, 'latent_dim': 4}
+    torch.manual_seed(0)
+    model = vae.build(args).eval()
+    ckpt = tmp_path / 'model.pt'
+    torch.save({'format': vae.CKPT_FORMAT, 'args': args, 'state_dict': model.state_dict()}, ckpt)
+    x8 = model.lik.coded(synthetic_images(n, seed=1))
+    words = compress.encode(model, x8, latent_bits=8)
+    path = tmp_path / 'x.bbans'
+    compress.write_file(path, compress.header_of(ckpt, n, 8, x8), words)
+    return model, ckpt, path, x8, words
+
+
+@pytest.mark.parametrize('dist', ['categorical', 'gaussian', 'bernoulli'])
+def test_bits_back_round_trip_is_lossless_and_repeatable(tmp_path, dist):
+    """20 images through the file and back, bit for bit; encoding again gives the same words; the
+    file's rate is near what its words cost (the header and start words are all it adds)."""
+    model, ckpt, path, x8, words = coded_file(tmp_path, dist)
+    got = compress.decompress(model, ckpt, path)
+    assert got.dtype == torch.uint8 and torch.equal(got, x8)
+    assert np.array_equal(compress.encode(model, x8, latent_bits=8), words)
+    assert 0 < os.path.getsize(path) - 4 * len(words) < 1000
+
+
+def test_a_damaged_file_or_another_model_is_refused(tmp_path):
+    """Never a wrong image: a flipped byte in the data, a truncated file, a data block whose
+    checksum is made to match, and another checkpoint each raise FormatError."""
+    model, ckpt, path, x8, words = coded_file(tmp_path, 'categorical')
+    data = bytearray(path.read_bytes())
+    for damaged, says in [(data[:-1] + bytes([data[-1] ^ 1]), 'damaged'), (data[:len(data) // 2], 'damaged'),
+                          (b'PNG' + data[3:], 'not a file written by compress.py')]:
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(compress.FormatError, match=says):
+            compress.decompress(model, ckpt, path)
+    bad = words.copy()
+    bad[len(bad) // 2] ^= 0x00010000
+    compress.write_file(path, compress.header_of(ckpt, 20, 8, x8), bad)     # a valid checksum over wrong data
+    with pytest.raises(compress.FormatError):
+        compress.decompress(model, ckpt, path)
+    compress.write_file(path, compress.header_of(ckpt, 20, 8, x8), words)
+    torch.save({'format': vae.CKPT_FORMAT, 'args': {'dist': 'categorical', 'latent_dim': 4},
+                'state_dict': vae.build({'dist': 'categorical', 'latent_dim': 4}).state_dict()}, tmp_path / 'other.pt')
+    with pytest.raises(compress.FormatError, match='another checkpoint'):
+        compress.decompress(model, tmp_path / 'other.pt', path)
+
+
+def test_latent_buckets_have_equal_prior_mass_and_q_is_a_distribution():
+    model = vae.build({'dist': 'categorical', 'latent_dim': 4}).eval()
+    bb = compress.BitsBack(model, latent_bits=6)
+    mass = torch.special.ndtr(bb.edges).diff()                               # (64,)
+    torch.testing.assert_close(mass, torch.full((64,), 1 / 64, dtype=torch.float64))
+    with torch.inference_mode():
+        q = bb.posterior(random_x8(1, 1, 28, 28))                            # (4, 64)
+    assert q.shape == (4, 64) and (q >= 0).all()
+    np.testing.assert_allclose(q.sum(1), 1, rtol=1e-12)
+
+
+def test_compress_cli_writes_its_row_with_the_baselines(tmp_path, synthetic_mnist):
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save({'format': vae.CKPT_FORMAT, 'args': {'dist': 'logistic', 'latent_dim': 4, 'seed': 0},
+                'state_dict': vae.build({'dist': 'logistic', 'latent_dim': 4}).state_dict()}, run / 'model.pt')
+    row = compress.main([str(run), '--n', '5', '--data-dir', synthetic_mnist, '--out', str(tmp_path / 'f.bbans'),
+                         '--latent-bits', '8', '--csv', str(tmp_path / 'c.csv')])
+    assert row['n'] == 5 and row['file_bytes'] == os.path.getsize(tmp_path / 'f.bbans')
+    assert row['file_bits_per_dim'] == 8 * row['file_bytes'] / (5 * 784)
+    raw = 8 * 5 * 784
+    assert all(0 < row[f'{k}_bits_per_dim'] * 5 * 784 < 2 * raw for k in ('gzip', 'bz2', 'lzma', 'png'))
+    rows = list(csv.DictReader(open(tmp_path / 'c.csv')))
+    assert [r['dist'] for r in rows] == ['logistic'] and float(rows[0]['gap_percent']) == pytest.approx(
+        row['gap_percent'], rel=1e-5)
 
 
 # -----------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class Likelihood(nn.Module):
     scored = True         # has an exact 8-bit score, which then picks its checkpoint
     clipped = False
     loss_form = None      # the name of its own training loss (Likelihood.loss) where it has one
+    symbols = 256         # compress.py codes each pixel as one of these
     options = {}
     before_options = {}   # what a checkpoint from before an option existed was trained with
     diagnostic_columns = {}   # column of likelihoods.csv -> what it is (diagnostics() computes them)
@@ -134,6 +135,17 @@ class Likelihood(nn.Module):
     def sample(self, h):
         return self(h).sample()
 
+    def coded(self, x8):
+        """The 8-bit images compress.py codes of images x8, each pixel as one of `symbols` symbols
+        x8 * (symbols - 1) / 255: here themselves, 256 levels."""
+        return x8
+
+    def log_prob_symbols(self, h):
+        """log P(s | z) of every symbol s at every pixel, (..., 1, H, W, symbols) float64: the tables
+        compress.py codes with. Here through dist, at each level v/255."""
+        v = torch.arange(256, device=h.device, dtype=torch.float64).view((256,) + (1,) * h.dim()) / 255
+        return self.dist(self.params(h).double()).base_dist.log_prob(v).movedim(0, -1)
+
     def loss(self, h, x, log_px, kl, kl_weight):
         """Per-example loss (B,) from log_px (mean over L samples) and KL: the weighted negative ELBO."""
         return -log_px + kl_weight * kl
@@ -184,11 +196,19 @@ class DensityLik(Likelihood):
         """Per pixel log P(lo <= X < hi) (..., 1, H, W) from the head's params (..., H, W, C)."""
         raise NotImplementedError
 
-    def log_bins(self, h, x8):
-        """Exact log P(x8 | z) per image, differentiable (float64 inside, float32 out)."""
+    def log_pixels(self, h, x8):
+        """Exact log P(x8 | z) per pixel (..., 1, H, W), float64."""
         lo, hi = bin_edges(x8)
         lo, hi = lo.masked_fill(x8 == 0, -math.inf), hi.masked_fill(x8 == 255, math.inf)
-        return self.log_interval(self.params(h).double(), lo, hi).flatten(-3).sum(-1).float()
+        return self.log_interval(self.params(h).double(), lo, hi)
+
+    def log_bins(self, h, x8):
+        """Exact log P(x8 | z) per image, differentiable (float64 inside, float32 out)."""
+        return self.log_pixels(h, x8).flatten(-3).sum(-1).float()
+
+    def log_prob_symbols(self, h):
+        v = torch.arange(256, device=h.device, dtype=torch.uint8).view((256,) + (1,) * h.dim())
+        return self.log_pixels(h, v).movedim(0, -1)
 
     def log_prob_8bit(self, h, x8, log_px=None):
         return log_px if self.fit == 'discrete' and log_px is not None else self.log_bins(h, x8)
@@ -199,6 +219,7 @@ class BernoulliLik(Likelihood):
     Binarised digits are another data set: no 8-bit score."""
     data_name = 'binarised'
     scored = False
+    symbols = 2
 
     def data(self, x8, generator=None):
         return torch.bernoulli(x8.float() / 255, generator=generator)
@@ -208,6 +229,14 @@ class BernoulliLik(Likelihood):
 
     def log_prob_8bit(self, h, x8, log_px):
         return None
+
+    def coded(self, x8):
+        """Its fixed binarisation of x8 (eval_data), as 0 and 255."""
+        return (eval_data(self, x8) * 255).to(torch.uint8)
+
+    def log_prob_symbols(self, h):
+        logits = self.params(h).double()                                 # (..., H, W, 1)
+        return torch.cat([F.logsigmoid(-logits), F.logsigmoid(logits)], -1).unsqueeze(-4)
 
 
 class ContinuousBernoulliLik(DensityLik):
@@ -382,6 +411,12 @@ class CategoricalLik(Likelihood):
     def mean(self, h):
         levels = torch.linspace(0, 1, self.bins, device=h.device)
         return self.per_pixel(h, lambda p, _: p @ levels)
+
+    def log_prob_symbols(self, h):
+        """Each 8-bit value's log P(its bin) - log(the bin's size)."""
+        idx = torch.arange(256, device=h.device) * self.bins // 256
+        log_p = torch.log_softmax(self.params(h).double(), -1).unsqueeze(-4)     # (..., 1, H, W, K)
+        return log_p[..., idx] - self.log_bin_size.to(h.device, torch.float64)[idx]
 
     def sample(self, h):
         """By inverse CDF, 15x faster than torch's multinomial."""
