@@ -21,6 +21,7 @@ import bz2  # noqa: E402
 import csv  # noqa: E402
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
+import importlib.metadata  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import lzma  # noqa: E402
@@ -28,6 +29,7 @@ import os  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 
+import constriction  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -35,7 +37,9 @@ from tqdm import tqdm  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
-MAGIC = b'conv-vae-likelihoods/bb-ans/1\n'
+MAGIC = b'conv-vae-likelihoods/bb-ans/1\n'   # then the SHA-256 of the rest, the header's length, header, words
+HEADER = {'checkpoint_sha256': str, 'n': int, 'latent_bits': int, 'threads': int, 'torch': str, 'constriction': str,
+          'images_sha256': str}
 INIT_WORDS = 32     # random 32-bit words the first image borrows its latent bits from
 COLUMNS = ['run', 'dist', 'data', 'n', 'latent_bits', 'file_bytes', 'file_bits_per_dim', 'elbo_bits_per_dim',
            'gap_percent', 'encode_seconds', 'decode_seconds', 'gzip_bits_per_dim', 'bz2_bits_per_dim',
@@ -47,7 +51,14 @@ class FormatError(ValueError):
 
 
 def sha256(data):
+    """Hex SHA-256 of bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+def encoder_input(lik, x8):
+    """What the encoder sees of one image (1, 1, 28, 28): its likelihood's data, with the same fixed
+    noise for every image where that data has noise (dequantised), so the decoder can recompute it."""
+    return lik.data(x8, torch.Generator().manual_seed(vae.EVAL_SEED))
 
 
 # -----------------------------------------------------------------------------
@@ -60,7 +71,6 @@ class BitsBack:
     decoding run the very same operations (same shapes, device, threads, float64)."""
 
     def __init__(self, model, latent_bits):
-        import constriction
         self.model, self.lik, self.bits = model, model.lik, latent_bits
         n = 2 ** latent_bits
         self.edges = torch.special.ndtri(torch.arange(n + 1, dtype=torch.float64) / n)   # (n + 1,), -inf .. inf
@@ -79,13 +89,12 @@ class BitsBack:
 
     def posterior(self, x8):
         """q(z|x) of one image as the masses of each dim's buckets: (D, 2^bits) float64."""
-        x = self.lik.data(x8, torch.Generator().manual_seed(vae.EVAL_SEED))   # fixed noise, if its data has any
-        mu, logvar = (t.double().view(-1, 1) for t in self.model.encode(x))  # (D, 1) each
+        mu, logvar = (t.double().view(-1, 1) for t in self.model.encode(encoder_input(self.lik, x8)))  # (D, 1) each
         t = (self.edges - mu) / (0.5 * logvar).exp()                        # (D, 2^bits + 1)
         # below the mean differences of the CDF, above it of the survival function: a difference
         # of two values near 1 would lose its digits
         below, above = torch.special.ndtr(t).diff(dim=-1), -torch.special.ndtr(-t).diff(dim=-1)
-        return torch.where(t[:, :-1] > 0, above, below).numpy()
+        return np.ascontiguousarray(torch.where(t[:, :-1] > 0, above, below).numpy())   # constriction reads the buffer in C order
 
     def pixels(self, z):
         """p(x|z) of bucket indices z (D,) as probabilities (784, symbols) float64."""
@@ -93,8 +102,8 @@ class BitsBack:
         log_p = self.lik.log_prob_symbols(h).reshape(-1, self.lik.symbols)             # (784, S)
         p = (log_p - log_p.max(-1, keepdim=True).values).exp()
         if not torch.isfinite(p).all():
-            raise ValueError('the likelihood gave a table that is not finite')
-        return p.numpy()
+            raise FloatingPointError('the likelihood gave a table that is not finite')
+        return np.ascontiguousarray(p.numpy())        # (a view of a movedim otherwise): constriction reads C order
 
     def encode(self, coder, x8):
         z = coder.decode(self.table, self.posterior(x8))              # bits back: (D,)
@@ -118,7 +127,6 @@ def start_words(seed=0):
 @torch.inference_mode()
 def encode(model, x8, latent_bits):
     """8-bit images (N, 1, 28, 28) -> the coder's words (uint32), image 0 first on the stack."""
-    import constriction
     bb, coder = BitsBack(model, latent_bits), constriction.stream.stack.AnsCoder(start_words())
     for i in tqdm(range(x8.shape[0]), 'encode', leave=False, disable=None):
         bb.encode(coder, x8[i:i + 1])
@@ -129,10 +137,9 @@ def encode(model, x8, latent_bits):
 def decode(model, words, n, latent_bits):
     """The words of `encode` -> the n images (n, 1, 28, 28) uint8; FormatError if they do not decode
     back to the start words (a corrupted file, or another model or machine)."""
-    import constriction
-    bb, coder = BitsBack(model, latent_bits), constriction.stream.stack.AnsCoder(words.copy())
-    out = []
+    bb, out = BitsBack(model, latent_bits), []
     try:
+        coder = constriction.stream.stack.AnsCoder(words.copy())
         for _ in tqdm(range(n), 'decode', leave=False, disable=None):
             out.append(bb.decode(coder))
         rest = coder.get_compressed()
@@ -148,48 +155,55 @@ def decode(model, words, n, latent_bits):
 # the file: a header (JSON) that says what decodes it, then the words
 
 
+def machine():
+    """What the tables' floating point depends on: decoding needs the same."""
+    return {'threads': torch.get_num_threads(), 'torch': str(torch.__version__),
+            'constriction': importlib.metadata.version('constriction')}
+
+
 def header_of(ckpt_path, n, latent_bits, x8):
-    import constriction
+    """The header of a file coding images x8 (n, 1, 28, 28) with the checkpoint at ckpt_path."""
     with open(ckpt_path, 'rb') as f:
         ckpt_hash = sha256(f.read())
-    return {'checkpoint_sha256': ckpt_hash, 'n': n, 'latent_bits': latent_bits, 'threads': torch.get_num_threads(),
-            'torch': str(torch.__version__), 'constriction': getattr(constriction, '__version__', 'unknown'),
+    return {'checkpoint_sha256': ckpt_hash, 'n': n, 'latent_bits': latent_bits, **machine(),
             'images_sha256': sha256(x8.numpy().tobytes())}
 
 
 def write_file(path, header, words):
-    head = json.dumps({**header, 'words_sha256': sha256(words.astype('<u4').tobytes())}).encode()
-    utils.write_atomic(path, lambda f: f.write(MAGIC + struct.pack('<I', len(head)) + head
-                                               + words.astype('<u4').tobytes()))
+    rest = struct.pack('<I', len(head := json.dumps(header).encode())) + head + words.astype('<u4').tobytes()
+    utils.write_atomic(path, lambda f: f.write(MAGIC + hashlib.sha256(rest).digest() + rest))
 
 
 def read_file(path):
     """-> (header dict, words); FormatError on anything but an intact file of this format."""
     with open(path, 'rb') as f:
         data = f.read()
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+    if not data.startswith(MAGIC):
         raise FormatError(f'{path} is not a file written by compress.py')
-    (size,), at = struct.unpack_from('<I', data, len(MAGIC)), len(MAGIC) + 4
+    digest, rest = data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
+    if hashlib.sha256(rest).digest() != digest or len(rest) < 4:
+        raise FormatError(f'{path} is damaged (its checksum does not match)')
+    (size,) = struct.unpack_from('<I', rest)
     try:
-        header = json.loads(data[at:at + size].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f'{path}: its header is damaged') from None
-    body = data[at + size:]
-    if len(body) % 4 or sha256(body) != header.get('words_sha256'):
-        raise FormatError(f'{path}: its coded data is damaged (checksum)')
+        header, body = json.loads(rest[4:4 + size].decode()), rest[4 + size:]
+    except ValueError:        # JSON or UTF-8
+        header, body = None, b''
+    if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in HEADER.items()) or \
+            not 1 <= header['latent_bits'] <= 16 or len(body) % 4:
+        raise FormatError(f'{path} has a valid checksum but not the header or length compress.py writes')
     return header, np.frombuffer(body, dtype='<u4').astype(np.uint32)
 
 
 def decompress(model, ckpt_path, path):
     """The images in a file of compress.py, decoded with the model of ckpt_path; FormatError if the
-    file is damaged, was written with another model or thread count, or does not decode exactly."""
+    file is damaged, was written with another model, threads or versions, or does not decode exactly."""
     header, words = read_file(path)
     with open(ckpt_path, 'rb') as f:
         if sha256(f.read()) != header['checkpoint_sha256']:
             raise FormatError(f'{path} was written with another checkpoint than {ckpt_path}')
-    if header['threads'] != torch.get_num_threads():
-        raise FormatError(f"{path} was written with {header['threads']} threads; decode with the same "
-                          f"(torch.set_num_threads), as the tables must be computed bit for bit alike")
+    if (now := machine()) != (then := {k: header[k] for k in now}):
+        raise FormatError(f'{path} was written with {then}, this is {now}: decode with the same, as the '
+                          f'tables must be computed bit for bit alike')
     x8 = decode(model, words, header['n'], header['latent_bits'])
     if sha256(x8.numpy().tobytes()) != header['images_sha256']:
         raise FormatError(f'{path} decoded to other images than it was written from')
@@ -206,29 +220,31 @@ def elbo_bits_per_dim(model, x8, k=10, batch=100):
     8-bit levels where it has that score (log_prob_8bit), else of its own data (bernoulli's bits)."""
     gen, total = torch.Generator().manual_seed(vae.EVAL_SEED), 0.0
     for xb in x8.split(batch):
-        x = model.lik.data(xb, torch.Generator().manual_seed(vae.EVAL_SEED))
+        x = torch.cat([encoder_input(model.lik, xb[i:i + 1]) for i in range(xb.shape[0])])   # as the coder's q(z|x)
         est = vae.log_weights(model, x, k, gen, x8=xb)           # (k, B) log weights
         total += est.ranked.mean(0).sum().item()                 # the mean of log w over q is the ELBO
     return -total / x8.shape[0] / vae.BITS
 
 
-def baselines(x8):
-    """Bits/dim of the same bytes (N images of 784 pixels) through general-purpose coders."""
-    raw, dims = x8.numpy().tobytes(), x8.numel()
+def baselines(x8, symbols):
+    """Bits/dim of the same images (N, 1, 28, 28) through general-purpose coders: their bytes (two
+    symbols: packed 8 pixels to a byte), and one PNG of them one under another (two symbols: 1-bit)."""
     from PIL import Image
-    png = io.BytesIO()
-    Image.fromarray(x8.view(-1, 28).numpy()).save(png, format='PNG', optimize=True)   # the images one under another
+    pixels, dims, png = x8.view(-1, 28).numpy(), x8.numel(), io.BytesIO()
+    raw = np.packbits(pixels > 0).tobytes() if symbols == 2 else pixels.tobytes()
+    (Image.fromarray(pixels > 0) if symbols == 2 else Image.fromarray(pixels)).save(png, format='PNG', optimize=True)
     sizes = {'gzip': len(gzip.compress(raw, 9)), 'bz2': len(bz2.compress(raw, 9)),
              'lzma': len(lzma.compress(raw, preset=9)), 'png': len(png.getvalue())}
     return {f'{k}_bits_per_dim': 8 * v / dims for k, v in sizes.items()}
 
 
 def merge_rows(path, row):
-    """path's rows with row in place of any with its run, data and n."""
+    """path's rows with row in place of any with its run, n and latent bits."""
+    key = lambda r: (r['run'], str(r['n']), str(r['latent_bits']))     # noqa: E731
     rows = []
     if os.path.exists(path):
         with open(path, newline='') as f:
-            rows = [r for r in csv.DictReader(f) if (r['run'], r['data'], r['n']) != (row['run'], row['data'], str(row['n']))]
+            rows = [r for r in csv.DictReader(f) if key(r) != key(row)]
     return rows + [row]
 
 
@@ -269,7 +285,7 @@ def main(argv=None):
            'n': args.n, 'latent_bits': args.latent_bits, 'file_bytes': os.path.getsize(out),
            'file_bits_per_dim': 8 * os.path.getsize(out) / dims,
            'elbo_bits_per_dim': elbo_bits_per_dim(model, x8),
-           'encode_seconds': encode_s, 'decode_seconds': decode_s, **baselines(x8),
+           'encode_seconds': encode_s, 'decode_seconds': decode_s, **baselines(x8, model.lik.symbols),
            'device': f'cpu ({torch.get_num_threads()} threads)', 'torch': str(torch.__version__)}
     row['gap_percent'] = 100 * (row['file_bits_per_dim'] / row['elbo_bits_per_dim'] - 1)
     utils.write_csv(merge_rows(args.csv, row), args.csv, COLUMNS)

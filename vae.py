@@ -69,7 +69,8 @@ class Likelihood(nn.Module):
     data(x8) the images it models; log_prob_8bit its exact score of 8-bit images (None: none);
     density: scored by integrating over each 8-bit bin; scored: validation picks its checkpoint
     by that score; options {name: Option} (attributes of those names); clipped: its means and
-    samples may leave [0, 1]; diagnostics() the `diagnostic_columns` of likelihoods.csv."""
+    samples may leave [0, 1]; diagnostics() the `diagnostic_columns` of likelihoods.csv; coded,
+    symbols and log_prob_symbols what compress.py codes and with which tables."""
     channels = 1
     default_kl_weight = 1.0
     data_name = 'gray values'
@@ -142,7 +143,7 @@ class Likelihood(nn.Module):
 
     def log_prob_symbols(self, h):
         """log P(s | z) of every symbol s at every pixel, (..., 1, H, W, symbols) float64: the tables
-        compress.py codes with. Here through dist, at each level v/255."""
+        compress.py codes with. Here through dist, a distribution over the 256 levels v/255."""
         v = torch.arange(256, device=h.device, dtype=torch.float64).view((256,) + (1,) * h.dim()) / 255
         return self.dist(self.params(h).double()).base_dist.log_prob(v).movedim(0, -1)
 
@@ -207,6 +208,7 @@ class DensityLik(Likelihood):
         return self.log_pixels(h, x8).flatten(-3).sum(-1).float()
 
     def log_prob_symbols(self, h):
+        """Each 8-bit value's exact bin mass."""
         v = torch.arange(256, device=h.device, dtype=torch.uint8).view((256,) + (1,) * h.dim())
         return self.log_pixels(h, v).movedim(0, -1)
 
