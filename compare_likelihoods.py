@@ -47,6 +47,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import quality  # noqa: E402
+import rundir  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
@@ -89,7 +90,7 @@ def check_runs(runs, device):
             sys.exit(f'error: {run} has no model.pt (train it first: make compare trains every run)')
         model, ckpt = utils.or_exit(vae.load_checkpoint, os.path.join(run, 'model.pt'), device)
         a = ckpt['args']
-        key = (vae.model_name(a, model.lik), a['latent_dim'], a['seed'])
+        key = (rundir.model_name(a, model.lik), a['latent_dim'], a['seed'])
         if key in models:
             sys.exit(f'error: {run} and {models[key]} hold the same model ({key[0]}, latent dim {key[1]}, '
                      f'seed {key[2]}): it would count as two seeds; keep one')
@@ -116,7 +117,7 @@ def evaluate_run(model, ckpt, metrics, test_x8, args, device, judge=None):
     b = max(1, vae.chunk(x.device) // max(CURVE))
     curve_lw = torch.cat([vae.log_weights(model, x[s:s + b], max(CURVE), gen, x8[s:s + b]).ranked
                           for s in range(0, min(n, args.n_curve), b)], 1)
-    row = {'dist': vae.model_name(a, lik), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
+    row = {'dist': rundir.model_name(a, lik), 'seed': a['seed'], 'latent_dim': a['latent_dim'],
            'epochs': len(metrics), 'best_epoch': ckpt['epoch'], 'train_seconds': sum(r['seconds'] for r in metrics),
            'test_data': lik.data_name, 'scored_on': '8-bit pixels (exact)' if exact else
            f'{lik.data_name} (not ranked)', 'n_test': n,

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import rundir  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
@@ -264,7 +265,7 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.run, 'model.pt')
     model, ckpt = utils.or_exit(vae.load_checkpoint, ckpt_path)
-    name = vae.model_name(ckpt['args'], model.lik)
+    name = rundir.model_name(ckpt['args'], model.lik)
     out = args.out or os.path.join('results', 'compress', f"{os.path.basename(os.path.normpath(args.run))}.bbans")
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     os.makedirs(os.path.dirname(args.csv) or '.', exist_ok=True)

@@ -33,6 +33,7 @@ from typing import NamedTuple  # noqa: E402
 import torch  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
 
+import rundir  # noqa: E402
 import vae  # noqa: E402
 from utils import number  # noqa: E402
 
@@ -114,7 +115,7 @@ def manifold_latents(n, basis):
 
 
 def run_name(lik, a):
-    return (vae.model_name(a, lik) + (f"-z{a['latent_dim']}" if a['latent_dim'] != 2 else '')
+    return (rundir.model_name(a, lik) + (f"-z{a['latent_dim']}" if a['latent_dim'] != 2 else '')
             + (f"-s{a['seed']}" if a['seed'] != 0 else ''))
 
 

@@ -1,6 +1,6 @@
-"""A training run's directory: one process owns it (a lock), a finished run in it is never
-replaced unless told (--resume continues it, --overwrite deletes it), and last.pt holds all an
-exact resume needs (model, optimiser, RNG states, the metrics so far, the best epoch). Every file
+"""A training run's name and directory: one process owns the directory (a lock), a finished run in
+it is never replaced unless told (--resume continues it, --overwrite deletes it), and last.pt holds
+all an exact resume needs (model, optimiser, RNG states, the metrics so far, the best epoch). Every file
 is written atomically (utils.save_torch), so a kill at any moment leaves the last whole one."""
 import math
 import os
@@ -18,6 +18,18 @@ RUN_FILES = ('model.pt', 'last.pt', 'metrics.csv', 'reconstructions.png', 'sampl
 LAST_FORMAT = vae.CKPT_FORMAT + '/last'
 NEWER_FLAGS = ('objective', 'iw_samples', 'val_subset')   # absent from an older last.pt (options: their defaults)
 RESUME_MAY_CHANGE = ('epochs', 'patience', 'device', 'data_dir', 'out_dir', 'resume', 'overwrite', 'compare_plan')  # all other flags must match
+
+
+def model_name(args, lik):
+    """The likelihood, its options not at their defaults and the objective if not the ELBO,
+    from a checkpoint's training arguments: 'categorical-K64', 'bernoulli-iwae5'."""
+    return args['dist'] + lik.tag() + objective_tag(args)
+
+
+def objective_tag(args):
+    """'' for the ELBO, '-iwae<K>' or '-<objective>' otherwise (a suffix of run names)."""
+    objective = args.get('objective', 'elbo')
+    return '' if objective == 'elbo' else f"-iwae{args['iw_samples']}" if objective == 'iwae' else f'-{objective}'
 
 
 def registry_options():

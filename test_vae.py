@@ -650,8 +650,8 @@ def test_old_checkpoints_keep_their_recipe(tmp_path):
         torch.save({'format': vae.CKPT_FORMAT, 'args': args, 'state_dict': vae.build(args).state_dict()}, tmp_path / d)
         old[d] = vae.load_checkpoint(str(tmp_path / d))[0].lik
     assert [lik.fit for lik in old.values()] == ['gray', 'gray', 'dequantised']
-    assert vae.model_name({'dist': 'gaussian'}, old['gaussian']) == 'gaussian-gray'
-    assert vae.model_name({'dist': 'beta'}, old['beta']) == 'beta-dequantised'
+    assert rundir.model_name({'dist': 'gaussian'}, old['gaussian']) == 'gaussian-gray'
+    assert rundir.model_name({'dist': 'beta'}, old['beta']) == 'beta-dequantised'
 
 
 def eager_grad_loops(monkeypatch, terms=None):
@@ -1307,7 +1307,7 @@ def test_train_with_the_iwae_objective_records_it_and_resume_refuses_a_change(tm
     assert ckpt['val_selected'] == pytest.approx(float(row['val_iwae_nats']), abs=1e-3)
     assert ckpt['val_elbo_nats'] == pytest.approx(float(row['val_elbo_nats']), abs=1e-3)
     model, _ = vae.load_checkpoint(str(out / 'model.pt'))
-    assert vae.model_name(ckpt['args'], model.lik) == 'bernoulli-iwae3'
+    assert rundir.model_name(ckpt['args'], model.lik) == 'bernoulli-iwae3'
     elbo_flags = [f for f in flags if f not in ('--objective', 'iwae')]
     with pytest.raises(SystemExit, match='written with --objective iwae, this run has --objective elbo'):
         train.train(train.parse_args(elbo_flags + ['--epochs', '2', '--resume']))

@@ -96,7 +96,7 @@ def parse_args(argv=None):
     # runs/<fit>/... for a fit off its default, as the Makefile names it
     fit_dir = args.fit if 'fit' in lik.options and args.fit != lik.options['fit'].default else ''
     if args.out_dir is None:
-        group = vae.objective_tag(vars(args))[1:]          # iwae<K>/ or <objective>/ (none for the ELBO)
+        group = rundir.objective_tag(vars(args))[1:]          # iwae<K>/ or <objective>/ (none for the ELBO)
         args.out_dir = os.path.join('runs', group, fit_dir, f'{args.dist}-z{args.latent_dim}-s{args.seed}')
     return args
 

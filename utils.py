@@ -126,6 +126,12 @@ def pick_device(name):
     return torch.device(name)
 
 
+def autocast(device, dtype):
+    """Autocast to dtype on device; fp32 (a no-op) for dtype None."""
+    import torch
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def native_bf16(device):
     """Whether device computes bf16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU
     with AVX512-BF16 or AMX-BF16 (elsewhere bf16 is emulated, slower than fp32)."""

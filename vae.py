@@ -1,12 +1,9 @@
 """Convolutional VAE on MNIST with a choice of observation likelihood p(x|z).
 
-Conventions for the whole project:
-- Images are float tensors (B, 1, 28, 28) in [0, 1], each likelihood's data (binarised, gray,
-  dequantised or its levels); the same tensor is the encoder's input and log_prob's argument.
-- The decoder gives per-pixel features; each likelihood's per-pixel linear head turns them into
-  unconstrained parameters, and it applies the constraints: log_prob sums over the 784 pixels.
-- Losses are per example (summed over pixels and latent dims), averaged over the batch for the
-  optimiser. Reported numbers are nats per image.
+Images are float tensors (B, 1, 28, 28) in [0, 1], each likelihood's data: the encoder's input and
+log_prob's argument. The decoder gives per-pixel features, each likelihood's head the parameters.
+Losses are per example (summed over pixels and latent dims), averaged over the batch for the
+optimiser; reported numbers are nats per image.
 """
 import math
 from typing import NamedTuple
@@ -137,13 +134,12 @@ class Likelihood(nn.Module):
         return self(h).sample()
 
     def coded(self, x8):
-        """The 8-bit images compress.py codes of images x8, each pixel as one of `symbols` symbols
-        x8 * (symbols - 1) / 255: here themselves, 256 levels."""
+        """The 8-bit images compress.py codes of x8, a pixel as symbol x8 * (symbols - 1) / 255: x8 itself."""
         return x8
 
     def log_prob_symbols(self, h):
-        """log P(s | z) of every symbol s at every pixel, (..., 1, H, W, symbols) float64: the tables
-        compress.py codes with. Here through dist, a distribution over the 256 levels v/255."""
+        """log P(s | z) of each symbol at each pixel (..., 1, H, W, symbols), float64: compress.py's
+        tables. Here dist's, a distribution over the 256 levels v/255."""
         v = torch.arange(256, device=h.device, dtype=torch.float64).view((256,) + (1,) * h.dim()) / 255
         return self.dist(self.params(h).double()).base_dist.log_prob(v).movedim(0, -1)
 
@@ -293,8 +289,7 @@ class GaussianLik(DensityLik):
 
 
 class SharedGaussianLik(GaussianLik):
-    """Normal with a learned per-pixel mean and one learned std for every pixel and image
-    (the sigma-VAE, Rybkin et al. 2021): the std a fixed-variance Gaussian would pick by hand."""
+    """Normal with a learned per-pixel mean and one learned std for all pixels (sigma-VAE, Rybkin et al. 2021)."""
     channels = 1
     before_options = {}
 
@@ -307,8 +302,7 @@ class SharedGaussianLik(GaussianLik):
 
 
 class FixedGaussianLik(GaussianLik):
-    """Normal with a fixed std sigma; with --fit gray trained in the MSE form (KL weight
-    lambda = sigma^2 / 784), otherwise on its normalised density like the others."""
+    """Normal with a fixed std sigma; with --fit gray trained in the MSE form (KL weight sigma^2 / 784)."""
     channels = 1
     options = {'sigma': Option(float, 0.1, 'the fixed std, beta^(-1/2)', range=(1e-3, 1e3), tag='-sigma{:g}'),
                **DensityLik.options}
@@ -339,8 +333,7 @@ class FixedGaussianLik(GaussianLik):
 
 
 def dequantize(x8, generator=None):
-    """Uniform dequantisation (Theis et al. 2016): 8-bit v -> (v + u)/256, u ~ U[0, 1), which
-    lies in v's bin [v/256, (v+1)/256); kept 1e-6 inside (0, 1), where float32 would round."""
+    """Uniform dequantisation (Theis et al. 2016): v -> (v + u)/256 in v's bin, kept 1e-6 inside (0, 1)."""
     u = torch.rand(x8.shape, generator=generator, device=x8.device)
     return ((x8.float() + u) / 256).clamp(1e-6, 1 - 1e-6)
 
@@ -363,9 +356,8 @@ class BetaLik(DensityLik):
 
 
 class CategoricalLik(Likelihood):
-    """Categorical over K levels: pixel value v in 0..255 falls in bin floor(v K / 256),
-    represented in [0, 1] as bin / (K - 1). With K < 256 each bin's mass is spread
-    uniformly over its 8-bit values in the 8-bit score."""
+    """Categorical over K bins, v in bin floor(v K / 256) (in [0, 1]: bin / (K - 1)); with K < 256 the
+    8-bit score spreads each bin's mass uniformly over its values."""
     options = {'bins': Option(int, 256, 'number of levels K', range=(2, 256), tag='-K{}')}
 
     def __init__(self, features, **options):
@@ -402,8 +394,7 @@ class CategoricalLik(Likelihood):
         return log_px - log_size[x8.long() * self.bins // 256].flatten(-3).sum(-1)
 
     def per_pixel(self, h, fn, rows=4096):
-        """fn(probs (r, K), the rows' slice) -> (r,), over chunks of the pixels of features h
-        (..., H, W, F): the (N, K) probabilities of all pixels at once cost 9x the time. -> (..., 1, H, W)."""
+        """fn(probs (r, K), rows) -> (r,) over chunks of h's pixels (all at once: 9x slower) -> (..., 1, H, W)."""
         hf = h.reshape(-1, h.shape[-1])                   # (N, F)
         out = torch.empty(hf.shape[0], device=h.device)
         for s in range(0, hf.shape[0], rows):
@@ -475,21 +466,14 @@ def make_likelihood(name, features=16, **options):
 
 
 def eval_data(lik, x8):
-    """The fixed version of a validation/test set: the same binarisation or dequantisation
-    noise for every run and seed, drawn on the CPU so it does not depend on the device."""
+    """A validation/test set with the same noise (binarisation, dequantisation) for every run and device."""
     return lik.data(x8.cpu(), torch.Generator().manual_seed(EVAL_SEED)).to(x8.device)
 
 
 # -----------------------------------------------------------------------------
 # the VAE
 
-
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}  # --precision -> autocast dtype of the networks
-
-
-def autocast(device, dtype):
-    """Autocast of the conv nets to dtype on device; fp32 (a no-op) for dtype None."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def reparameterize(mu, logvar, samples=1, generator=None):
@@ -541,11 +525,11 @@ class VAE(nn.Module):
 
     def draw(self, x, samples=1, generator=None, dtype=None):
         """forward, also returning the draws z (L, B, D) themselves (for the IWAE bound)."""
-        with autocast(x.device, dtype):
+        with utils.autocast(x.device, dtype):
             mu, logvar = self.encode(x)
         mu, logvar = mu.float(), logvar.float()             # q(z|x), its noise and the KL in fp32
         z = reparameterize(mu, logvar, samples, generator)  # (L, B, D)
-        with autocast(x.device, dtype):
+        with utils.autocast(x.device, dtype):
             h = self.decode(z)
         return z, h, mu, logvar
 
@@ -608,10 +592,9 @@ def chunk(device):
 
 
 class Estimate(NamedTuple):
-    """Per image: the log weights log p(., z_i) - log q(z_i|x) (K, B) from log_weights, their IWAE
-    estimates (n,) from importance_log_px; of the likelihood's data, of the 8-bit images (exact8) and
-    the dequantisation bound (None where not asked or defined); the K-sample mean of log p(x|z)
-    (recon), the closed-form KL and the posterior means mu (n, D)."""
+    """Per image, of the data, the 8-bit images and the dequantisation bound (None: not asked or defined),
+    the log weights log p(., z_i) - log q(z_i|x) (K, B) or their IWAE estimates (n,); the mean
+    log p(x|z) (recon), the closed-form KL and the posterior means mu (n, D)."""
     data: torch.Tensor
     exact8: torch.Tensor = None
     bound: torch.Tensor = None
@@ -665,18 +648,6 @@ def importance_log_px(model, x, k, generator=None, x8=None, xdeq=None):
              for s in tqdm(range(0, x.shape[0], b), 'log p(x)', leave=False, disable=None)]
     est = [None if w[0] is None else iwae(torch.cat(w, 1), k) for w in zip(*(p[:3] for p in parts))]
     return Estimate(*est, *(torch.cat(v) for v in zip(*(p[3:] for p in parts))))
-
-
-def model_name(args, lik):
-    """The likelihood, its options not at their defaults and the objective if not the ELBO,
-    from a checkpoint's training arguments: 'categorical-K64', 'bernoulli-iwae5'."""
-    return args['dist'] + lik.tag() + objective_tag(args)
-
-
-def objective_tag(args):
-    """'' for the ELBO, '-iwae<K>' or '-<objective>' otherwise (a suffix of run names)."""
-    objective = args.get('objective', 'elbo')
-    return '' if objective == 'elbo' else f"-iwae{args['iw_samples']}" if objective == 'iwae' else f'-{objective}'
 
 
 def build(args):
