@@ -57,7 +57,7 @@ COLUMNS = ['dist', 'seed', 'latent_dim', 'epochs', 'best_epoch', 'train_seconds'
            'k_curve_n', 'iwae_k1_nats', 'iwae_k10_nats', 'iwae_k100_nats', 'iwae_k1000_nats',
            'quality_n', *quality.QUALITY_COLUMNS]
 TAIL = ['eval_seconds', 'quality_seconds', 'classifier_test_accuracy', 'torch', 'git_commit', 'device']
-SUMMARY = ['test_elbo_nats', 'iwae_nats', 'nll_8bit_nats', 'bits_per_dim', 'bound_bits_per_dim', 'active_units',
+SUMMARY = ['test_elbo_nats', 'iwae_nats', 'iwae_stderr', 'nll_8bit_nats', 'bits_per_dim', 'bound_bits_per_dim', 'active_units',
            *quality.QUALITY_COLUMNS]
 CURVE = (1, 10, 100, 1000)
 OUTPUTS = ('likelihoods.csv', 'likelihoods_summary.csv', 'bayes_factors.csv', 'likelihoods.png', 'quality.png',
@@ -327,7 +327,8 @@ def plot_rows(models, test_x8, out_dir):
 
 def plot_quality(summary, judge, path):
     """quality.png: bits/dim (x) against the Fréchet distance (y) of the decoder means and of the
-    samples of p(x|z), a point per likelihood, with 95 % intervals over seeds where there are several."""
+    samples of p(x|z), a point per likelihood, with 95 % intervals: over seeds where there are
+    several, else +-1.96 standard errors (over test images; FD: over prior samples, bootstrap)."""
     rows = [s for s in summary if s['bits_per_dim_mean'] is not None and s.get('fd_decoder_mean_mean') is not None]
     if judge is None or not rows:
         return
@@ -335,10 +336,10 @@ def plot_quality(summary, judge, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, what in zip(axes, ('decoder_mean', 'px_sample')):
         for s in rows:
-            err = lambda k: None if s[f'{k}_ci95_lo'] is None else [[s[f'{k}_mean'] - s[f'{k}_ci95_lo']],  # noqa: E731
-                                                                      [s[f'{k}_ci95_hi'] - s[f'{k}_mean']]]
-            ax.errorbar(s['bits_per_dim_mean'], s[f'fd_{what}_mean'], xerr=err('bits_per_dim'),
-                        yerr=err(f'fd_{what}'), fmt='o', capsize=3)
+            err = lambda k, se: 1.96 * se if s[f'{k}_ci95_lo'] is None else [  # noqa: E731
+                [s[f'{k}_mean'] - s[f'{k}_ci95_lo']], [s[f'{k}_ci95_hi'] - s[f'{k}_mean']]]
+            ax.errorbar(s['bits_per_dim_mean'], s[f'fd_{what}_mean'], xerr=err('bits_per_dim', s['iwae_stderr_mean'] / vae.BITS),
+                        yerr=err(f'fd_{what}', s[f'fd_{what}_stderr_mean']), fmt='o', capsize=3)
             ax.annotate(s['dist'], (s['bits_per_dim_mean'], s[f'fd_{what}_mean']), fontsize=8,
                         xytext=(4, 4), textcoords='offset points')
         ax.set_xlabel('test bits/dim, exact 8-bit (lower is better)')

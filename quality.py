@@ -32,6 +32,8 @@ CLF_FORMAT = 'conv-vae-likelihoods/classifier/1'
 QUALITY_COLUMNS = {   # column of likelihoods.csv -> what it is
     'fd_decoder_mean': 'Fréchet distance to the test images, decoder means of prior samples',
     'fd_px_sample': 'Fréchet distance to the test images, samples of p(x|z) of prior samples',
+    'fd_decoder_mean_stderr': "its standard error over the prior samples (bootstrap; the figure's error bars)",
+    'fd_px_sample_stderr': "the same for the samples of p(x|z)",
     'is_decoder_mean': 'classifier inception score of the decoder means (10 = every digit, confidently)',
     'is_px_sample': 'classifier inception score of the samples of p(x|z)',
     'label_entropy_decoder_mean': 'entropy of the predicted labels of the decoder means, nats (log 10 = 2.303 uniform)',
@@ -82,6 +84,14 @@ def frechet_distance(real, fake):
     return fid.compute().item()
 
 
+def frechet_stderr(real, fake, draws=10, seed=0):
+    """Bootstrap standard error of frechet_distance(real, fake) over fake's rows: the spread a new
+    set of samples from the same model would give (the test set, real, is the same every time)."""
+    gen = torch.Generator().manual_seed(seed)
+    fds = [frechet_distance(real, fake[torch.randint(len(fake), (len(fake),), generator=gen)]) for _ in range(draws)]
+    return torch.tensor(fds).std().item()
+
+
 def inception_score(probs):
     """exp(E_x KL(p(y|x) || p(y))) of class probabilities (N, 10), and the entropy of p(y) in nats."""
     p_y = probs.mean(0)
@@ -115,6 +125,7 @@ def sample_quality(model, clf, x8, labels, n=10000, real=None, seed=vae.EVAL_SEE
     for what, imgs in shown.items():
         feats, probs = judge(clf, torch.cat(imgs))
         out[f'fd_{what}'] = frechet_distance(real_feats, feats)
+        out[f'fd_{what}_stderr'] = frechet_stderr(real_feats, feats)
         out[f'is_{what}'], out[f'label_entropy_{what}'] = inception_score(probs)
     recon = [lik.mean(model.decode(model.encode(vae.eval_data(lik, xb))[0])).clamp(0, 1) for xb in x8.split(batch)]
     _, probs = judge(clf, torch.cat(recon))

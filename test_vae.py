@@ -1651,6 +1651,18 @@ def test_frechet_distance_of_a_set_to_itself_is_zero_and_to_a_shift_is_its_squar
     assert quality.frechet_distance(f, f + 0.5) == pytest.approx(128 * 0.25, rel=1e-6)
 
 
+def test_frechet_stderr_is_the_spread_of_new_sample_sets():
+    """The bootstrap standard error matches the spread of the distance over independent sets of
+    samples from the same Gaussian (within a factor 2), and halves with four times the samples."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(4000, 8, generator=g, dtype=torch.float64)
+    new = lambda n: torch.randn(n, 8, generator=g, dtype=torch.float64) * 1.1 + 0.2    # noqa: E731
+    spread = torch.tensor([quality.frechet_distance(real, new(1000)) for _ in range(20)]).std().item()
+    small, big = quality.frechet_stderr(real, new(1000), draws=20), quality.frechet_stderr(real, new(4000), draws=20)
+    assert spread / 2 < small < spread * 2
+    assert 0.3 < big / small < 0.7
+
+
 def test_inception_score_and_label_entropy_at_their_extremes():
     one_class = torch.zeros(100, 10)
     one_class[:, 3] = 1
