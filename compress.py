@@ -127,7 +127,7 @@ def start_words(seed=0):
 
 @torch.inference_mode()
 def encode(model, x8, latent_bits):
-    """8-bit images (N, 1, 28, 28) -> the coder's words (uint32), image 0 first on the stack."""
+    """8-bit images (N, 1, 28, 28) -> the coder's words (uint32); image 0 goes in first, so comes out last."""
     bb, coder = BitsBack(model, latent_bits), constriction.stream.stack.AnsCoder(start_words())
     for i in tqdm(range(x8.shape[0]), 'encode', leave=False, disable=None):
         bb.encode(coder, x8[i:i + 1])
