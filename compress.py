@@ -72,7 +72,7 @@ class BitsBack:
     decoding run the very same operations (same shapes, device, threads, float64)."""
 
     def __init__(self, model, latent_bits):
-        self.model, self.lik, self.bits = model, model.lik, latent_bits
+        self.model, self.lik = model, model.lik
         n = 2 ** latent_bits
         self.edges = torch.special.ndtri(torch.arange(n + 1, dtype=torch.float64) / n)   # (n + 1,), -inf .. inf
         self.centres = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()   # (n,)
