@@ -4,6 +4,7 @@ gradients, the objectives and estimators, the command lines and their errors. `m
 runs them; test_runs.py holds the slow tests."""
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -1575,6 +1576,31 @@ def test_concurrent_atomic_writes_to_one_path_never_collide(tmp_path):
         list(ex.map(lambda r: utils.write_csv(r * 50, path, ['a', 'b']), rows))
     got = list(csv.DictReader(open(path)))
     assert len(got) == 50 and len({r['a'] for r in got}) == 1 and os.listdir(tmp_path) == ['metrics.csv']
+
+
+def test_an_interrupt_inside_torch_save_stays_an_interrupt(tmp_path):
+    """Ctrl-C in the middle of a record makes torch.save's clean-up raise a RuntimeError; the
+    atomic save still raises KeyboardInterrupt (train.fit's resume hint, exit 130, not a
+    traceback) and leaves neither the file nor a temporary one."""
+    real_write, calls = io.BufferedWriter.write, []
+
+    class Interrupting(io.BufferedWriter):
+        def write(self, b):
+            calls.append(len(b))
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_write(self, b)
+
+    def save(f):
+        torch.save({'a': torch.zeros(1000), 'b': torch.ones(1000)}, Interrupting(f.raw))
+    with pytest.raises(RuntimeError) as plain:              # what torch.save alone does
+        save(open(tmp_path / 'plain', 'wb'))
+    assert isinstance(plain.value.__context__, KeyboardInterrupt) and utils.was_interrupted(plain.value)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_atomic(str(tmp_path / 'model.pt'), save)
+    assert sorted(os.listdir(tmp_path)) == ['plain']
+    assert not utils.was_interrupted(RuntimeError('unrelated'))
 
 
 def test_resume_on_another_kind_of_device_says_so_and_finishes(tmp_path, synthetic_mnist, capsys):

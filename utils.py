@@ -50,6 +50,16 @@ def describe(e):
     return f'out of memory ({first})' if is_out_of_memory(e) else first
 
 
+def was_interrupted(e):
+    """Whether e is a KeyboardInterrupt or was raised while one was handled: torch.save, stopped
+    mid-record, fails in its clean-up with a RuntimeError whose context is the interrupt."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def is_out_of_memory(e):
     text = str(e)
     return isinstance(e, MemoryError) or type(e).__name__ == 'OutOfMemoryError' or (
@@ -57,11 +67,11 @@ def is_out_of_memory(e):
 
 
 def _excepthook(kind, e, tb):
-    if not (issubclass(kind, (KeyboardInterrupt, OSError)) or is_out_of_memory(e)):
+    interrupted = was_interrupted(e)
+    if not (interrupted or issubclass(kind, OSError) or is_out_of_memory(e)):
         return sys.__excepthook__(kind, e, tb)     # a bug: its traceback is what a report needs
     for sig in (signal.SIGINT, signal.SIGTERM):     # a Ctrl-C or SIGTERM while this exits
         signal.signal(sig, signal.SIG_IGN)
-    interrupted = issubclass(kind, KeyboardInterrupt)
     try:
         sys.stdout.flush()
     except OSError:
@@ -262,6 +272,8 @@ def write_atomic(path, write, text=False):
             os.unlink(tmp)
         except OSError:
             pass
+        if was_interrupted(e):                      # so that callers' `except KeyboardInterrupt` see it
+            raise KeyboardInterrupt from None
         if isinstance(e, OSError) and e.filename in (None, tmp):   # name the file the user asked for
             raise OSError(e.errno, e.strerror, path) from None
         raise
