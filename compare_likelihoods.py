@@ -333,6 +333,7 @@ def plot_quality(summary, judge, path):
     if judge is None or not rows:
         return
     plt = utils.pyplot()
+    from matplotlib.ticker import FormatStrFormatter
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, what in zip(axes, ('decoder_mean', 'px_sample')):
         for s in rows:
@@ -346,6 +347,8 @@ def plot_quality(summary, judge, path):
         ax.set_ylabel(f"Fréchet distance, classifier features ({quality.QUALITY_COLUMNS[f'fd_{what}'].split(', ')[1]})",
                       fontsize=8)
         ax.set_yscale('log')
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):   # 30, not 3 x 10^1
+            axis(FormatStrFormatter('%g'))
         ax.grid(alpha=0.3)
     axes[0].set_title('decoder means of prior samples', fontsize=10)
     axes[1].set_title('samples of p(x|z) of prior samples', fontsize=10)
