@@ -1593,14 +1593,30 @@ def test_an_interrupt_inside_torch_save_stays_an_interrupt(tmp_path):
 
     def save(f):
         torch.save({'a': torch.zeros(1000), 'b': torch.ones(1000)}, Interrupting(f.raw))
-    with pytest.raises(RuntimeError) as plain:              # what torch.save alone does
-        save(open(tmp_path / 'plain', 'wb'))
-    assert isinstance(plain.value.__context__, KeyboardInterrupt) and utils.was_interrupted(plain.value)
+    with pytest.raises(BaseException) as plain, open(tmp_path / 'plain', 'wb') as f:   # torch.save alone
+        save(f)
+    assert utils.was_interrupted(plain.value) and len(calls) == 3
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         utils.write_atomic(str(tmp_path / 'model.pt'), save)
     assert sorted(os.listdir(tmp_path)) == ['plain']
-    assert not utils.was_interrupted(RuntimeError('unrelated'))
+
+
+def test_only_an_interrupt_in_the_chain_counts_as_one():
+    """The walk back through causes and contexts finds an interrupt, stops at an exception the
+    caller is already handling (a full disk while saving on Ctrl-C is a full disk), and ends on
+    a cycle of cause and context."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as handled:
+            before = handled
+            raise OSError(28, 'No space left on device')
+    except OSError as e:
+        assert utils.was_interrupted(e) and not utils.was_interrupted(e, before)
+    a, b = ValueError('a'), RuntimeError('b')
+    a.__context__, b.__cause__ = b, a
+    assert not utils.was_interrupted(a) and not utils.was_interrupted(RuntimeError('unrelated'))
 
 
 def test_resume_on_another_kind_of_device_says_so_and_finishes(tmp_path, synthetic_mnist, capsys):
@@ -1616,6 +1632,31 @@ def test_resume_on_another_kind_of_device_says_so_and_finishes(tmp_path, synthet
     train.train(train.parse_args(flags + ['--epochs', '2', '--resume']))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith('note: last.pt was saved on cuda')]
     assert len(notes) == 1 and 'differ from an uninterrupted run' in notes[0] and len(metric_values(out)) == 2
+
+
+def test_an_error_while_stopping_exits_as_an_interrupt_and_names_it(monkeypatch, capsys):
+    """The exception hook: a RuntimeError raised while an interrupt was handled is one line, with
+    the error named, and exit status 130; the same error alone keeps its traceback."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    exits, tracebacks = [], []
+    monkeypatch.setattr(os, '_exit', exits.append)
+    monkeypatch.setattr(sys, '__excepthook__', lambda *a: tracebacks.append(a[0]))
+    try:
+        try:
+            try:
+                raise KeyboardInterrupt
+            finally:
+                raise RuntimeError('unexpected pos 20389952 vs 20389840')
+        except RuntimeError as e:
+            utils._excepthook(RuntimeError, e, e.__traceback__)
+        utils._excepthook(RuntimeError, RuntimeError('a bug'), None)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    err = capsys.readouterr().err
+    assert exits == [130] and tracebacks == [RuntimeError]
+    assert err == 'interrupted (then, while stopping: unexpected pos 20389952 vs 20389840)\n', err
 
 
 def test_after_the_first_interrupt_the_next_one_exits_at_once(monkeypatch):

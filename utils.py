@@ -50,12 +50,15 @@ def describe(e):
     return f'out of memory ({first})' if is_out_of_memory(e) else first
 
 
-def was_interrupted(e):
-    """Whether e is a KeyboardInterrupt or was raised while one was handled: torch.save, stopped
-    mid-record, fails in its clean-up with a RuntimeError whose context is the interrupt."""
-    while e is not None:
+def was_interrupted(e, before=None):
+    """Whether e is a KeyboardInterrupt or was raised while one was handled (torch.save, stopped
+    mid-record, fails in its clean-up with a RuntimeError whose context is the interrupt), looking
+    back no further than the exception `before` (one already being handled by the caller)."""
+    seen = set()
+    while e is not None and e is not before and id(e) not in seen:    # cause and context may cycle
         if isinstance(e, KeyboardInterrupt):
             return True
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
 
@@ -76,7 +79,10 @@ def _excepthook(kind, e, tb):
         sys.stdout.flush()
     except OSError:
         pass
-    sys.stderr.write('interrupted\n' if interrupted else f'error: {describe(e)}\n')
+    if interrupted and not issubclass(kind, KeyboardInterrupt):      # what failed on the way out
+        sys.stderr.write(f'interrupted (then, while stopping: {describe(e)})\n')
+    else:
+        sys.stderr.write('interrupted\n' if interrupted else f'error: {describe(e)}\n')
     sys.stderr.flush()
     os._exit(130 if interrupted else 1)
 
@@ -260,6 +266,7 @@ def write_atomic(path, write, text=False):
     """write(f) into a new temporary file beside path (a unique name, so that two writers never
     share one), then rename it onto path: readers see the old file or the new one, never a part.
     On any failure (disk full, Ctrl-C) the temporary file is removed and path is untouched."""
+    handling = sys.exc_info()[1]                    # an interrupt being handled is not this write's
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=f'.{os.path.basename(path)}.',
                                suffix='.tmp')
     try:
@@ -272,8 +279,8 @@ def write_atomic(path, write, text=False):
             os.unlink(tmp)
         except OSError:
             pass
-        if was_interrupted(e):                      # so that callers' `except KeyboardInterrupt` see it
-            raise KeyboardInterrupt from None
+        if not isinstance(e, KeyboardInterrupt) and was_interrupted(e, handling):
+            raise KeyboardInterrupt from e          # so that callers' `except KeyboardInterrupt` see it
         if isinstance(e, OSError) and e.filename in (None, tmp):   # name the file the user asked for
             raise OSError(e.errno, e.strerror, path) from None
         raise
